@@ -1,0 +1,92 @@
+# DISeL inside PEFT: a patched `peft` built from the pinned upstream sdist (UPSTREAM), our new files and patches/.
+# `make help` lists the targets.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Never an unpinned torch: that pulls a multi-GB CUDA build. Override for another build, e.g. TORCH_SPEC=torch==2.14.1
+TORCH_SPEC ?= torch==2.13.0
+TOOL := $(PYTHON) tooling/peftpatch.py
+DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC)' | cat - tooling/requirements.txt | sha1sum | cut -c1-12)
+
+.PHONY: help install tree reset-tree patches check test test-upstream known-failures wheel pr quality clean \
+	demo demo-smoke bench bench-quick
+
+help:
+	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
+	@echo "make test           install, then run our tests and the upstream test files we patch, offline"
+	@echo "make install        .venv with torch ($(TORCH_SPEC)), the test deps and the patched peft (editable)"
+	@echo "make tree           materialise build/peft: pristine sdist + patches/ + our files (symlinked)"
+	@echo "make patches        regenerate patches/ from edits to upstream files in build/peft"
+	@echo "make check          the series applies to a fresh sdist, is in sync with build/peft, shadows nothing"
+	@echo "make test-upstream  upstream test files on the pristine and the patched tree: no regressions"
+	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
+	@echo "make pr             the upstream pull request as git format-patch files in dist/pr/ (PEFT_REPO=... applies it)"
+	@echo "make bench          DISeL vs LoRA vs DoRA speed and memory ratios; make bench-quick for a short run"
+	@echo "make quality        ruff on our files and on the patched upstream files"
+
+# --- install -------------------------------------------------------------------------------------------------------
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): | $(PY)
+	$(PIP) install --upgrade pip
+	$(PIP) install '$(TORCH_SPEC)' -r tooling/requirements.txt
+	rm -f $(VENV)/.deps-* && touch $@
+
+tree:
+	$(TOOL) tree
+
+reset-tree:
+	$(TOOL) reset-tree
+
+# the editable install points at build/peft/src, so edits there (and to our symlinked files) are live
+$(VENV)/.peft-installed: $(DEPS_STAMP) UPSTREAM
+	$(MAKE) --no-print-directory tree
+	$(PIP) install --no-deps --no-build-isolation -e build/peft
+	touch $@
+
+install: $(VENV)/.peft-installed
+	@$(TOOL) tree
+	@$(PY) -c 'import peft; print("installed peft", peft.__version__, "from", peft.__path__[0])'
+
+# --- the patch series --------------------------------------------------------------------------------------------
+
+patches:
+	$(TOOL) patches
+
+check:
+	$(TOOL) check
+
+# --- tests -------------------------------------------------------------------------------------------------------
+
+test: install
+	$(PY) tooling/run_tests.py patched
+
+test-upstream: install
+	$(PY) tooling/run_tests.py compare
+
+known-failures: install
+	$(PY) tooling/run_tests.py known-failures
+
+quality: install
+	$(VENV)/bin/ruff check src tests examples method_comparison tooling bench demo
+	$(VENV)/bin/ruff format --check src tests examples method_comparison tooling bench demo
+	cd build/peft && ../../$(VENV)/bin/ruff check $$(cd ../.. && find patches -name '*.py.patch' | sed -e 's|^patches/||' -e 's|\.patch$$||')
+	cd build/peft && ../../$(VENV)/bin/ruff format --check $$(cd ../.. && find patches -name '*.py.patch' | sed -e 's|^patches/||' -e 's|\.patch$$||')
+
+# --- packaging and the upstream PR -------------------------------------------------------------------------------
+
+wheel: $(DEPS_STAMP)
+	rm -rf dist/*.whl build/release
+	$(PIP) wheel --no-deps --no-build-isolation -w dist .
+	@ls dist/*.whl
+
+pr:
+	$(TOOL) pr
+
+clean:
+	rm -rf build dist $(VENV)

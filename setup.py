@@ -1,0 +1,42 @@
+"""`pip install .` of this repository: the patched peft, assembled from the pinned sdist, patches/ and our files.
+
+The package metadata is upstream's own (its setup.py is run with `setup()` intercepted); only the version gets the
+local segment from UPSTREAM, and the sources come from the assembled tree in build/release/.
+"""
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import setuptools
+
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "tooling"))
+import peftpatch  # noqa: E402
+
+
+RELEASE = HERE / "build" / "release"
+if not (RELEASE / "setup.py").exists() or os.environ.get("PEFT_REBUILD_RELEASE", "1") == "1":
+    peftpatch.reference_tree(RELEASE)
+
+captured = {}
+cwd = os.getcwd()
+real_setup = setuptools.setup
+setuptools.setup = lambda **kwargs: captured.update(kwargs)
+try:
+    os.chdir(RELEASE)
+    runpy.run_path(str(RELEASE / "setup.py"), run_name="__main__")
+finally:
+    os.chdir(cwd)
+    setuptools.setup = real_setup
+
+src = os.path.relpath(RELEASE / "src", HERE)
+captured.update(
+    version=peftpatch.pin()["FULL_VERSION"],
+    package_dir={"": src},
+    packages=setuptools.find_packages(src),
+    license_files=[os.path.relpath(RELEASE / "LICENSE", HERE)],
+)
+real_setup(**captured)

@@ -1,0 +1,67 @@
+"""pytest plugin for running upstream PEFT's test files offline on the patched and on the pristine tree.
+
+- Forces Hugging Face Hub offline mode and neutralises `testing_utils.hub_online_once`, which would switch offline
+  mode off for the first use of each model id and burn ~46 s in connection retries per test.
+- Marks the tests listed in `tooling/upstream-known-failures.txt` (tests that fail on the *pristine* upstream tree in
+  this environment, each with its reason) as non-strict xfail, so a run fails only on something new. `make
+  test-upstream` checks that each listed test does fail on the pristine tree, which keeps the list honest.
+
+Load it with `-p pytest_offline` and `tooling/` on PYTHONPATH.
+"""
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+KNOWN_FAILURES = Path(__file__).with_name("upstream-known-failures.txt")
+
+
+def known_failures():
+    known = {}
+    for line in KNOWN_FAILURES.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            nodeid, _, reason = line.partition(" | ")
+            known[nodeid.strip()] = reason.strip() or "fails on pristine upstream in this environment"
+    return known
+
+
+@contextlib.contextmanager
+def _offline_once(model_id):
+    yield
+
+
+def _neutralise_hub_online_once():
+    for module in list(sys.modules.values()):
+        original = getattr(module, "hub_online_once", None)
+        if callable(original) and getattr(original, "__module__", "").endswith("testing_utils"):
+            module.hub_online_once = _offline_once
+
+
+def _short_id(nodeid):
+    # node ids are relative to the rootdir (the tree's root): keep them from `tests/` on
+    return nodeid[nodeid.find("tests/") :] if "tests/" in nodeid else nodeid
+
+
+def pytest_collection_modifyitems(session, config, items):
+    _neutralise_hub_online_once()
+    if os.environ.get("PEFT_NO_KNOWN_FAILURES"):
+        return
+    known = known_failures()
+    for item in items:
+        reason = known.get(_short_id(item.nodeid))
+        if reason is None:
+            continue
+        if reason.startswith("[setup-error]"):
+            # xfail does not cover a failing fixture: such tests cannot run here at all
+            item.add_marker(pytest.mark.skip(reason=f"upstream, cannot run here: {reason}"))
+        else:
+            item.add_marker(pytest.mark.xfail(reason=f"upstream: {reason}", strict=False))
