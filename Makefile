@@ -88,5 +88,17 @@ wheel: $(DEPS_STAMP)
 pr:
 	$(TOOL) pr
 
+# --- the main job and the benchmarks -----------------------------------------------------------------------------
+
+# DEMO_ARGS passes flags to the demo script, e.g. DEMO_ARGS="--with-dora" (see demo/run_demo.py --help)
+demo: install
+	$(PY) demo/run_demo.py $(DEMO_ARGS)
+
+bench: install
+	$(PY) bench/disel_overhead.py
+
+bench-quick: install
+	$(PY) bench/disel_overhead.py --quick
+
 clean:
 	rm -rf build dist $(VENV)

@@ -37,6 +37,6 @@ captured.update(
     version=peftpatch.pin()["FULL_VERSION"],
     package_dir={"": src},
     packages=setuptools.find_packages(src),
-    license_files=[os.path.relpath(RELEASE / "LICENSE", HERE)],
+    license_files=["LICENSE"],  # the same Apache-2.0 text as upstream's
 )
 real_setup(**captured)
