@@ -26,8 +26,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def log(msg):
 
 
 def run(cmd, cwd=None, check=True, **kwargs):
-    res = subprocess.run(cmd, cwd=cwd, text=True, capture_output=True, **kwargs)
+    res = subprocess.run(cmd, cwd=cwd, text=True, capture_output=True, check=False, **kwargs)
     if check and res.returncode != 0:
         raise BuildError(f"`{' '.join(map(str, cmd))}` failed in {cwd or os.getcwd()}:\n{res.stdout}{res.stderr}")
     return res
@@ -410,7 +411,7 @@ def cmd_pr(args):
     git("commit", "-q", "-m", f"peft {p['PEFT_VERSION']}")
     base = git("rev-parse", "HEAD").stdout.strip()
 
-    changed = {rel: "patch" for rel in patch_files()} | {rel: "new" for rel in our_files()}
+    changed = dict.fromkeys(patch_files(), "patch") | dict.fromkeys(our_files(), "new")
     assigned = {}
     for i, commit in enumerate(series["commit"]):
         for rel in changed:
