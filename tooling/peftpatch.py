@@ -256,9 +256,7 @@ def cmd_tree(_args=None):
         git_tree("config", "filter.peftstamp.clean", f"sed -e 's/{stamped}/{p['PEFT_VERSION']}/'")
         (TREE / ".git" / "info").mkdir(exist_ok=True)
         (TREE / ".git" / "info" / "attributes").write_text("".join(f"/{f} filter=peftstamp\n" for f in STAMPED))
-        (TREE / ".git" / "info" / "exclude").write_text(
-            "__pycache__/\n*.egg-info/\n.pytest_cache/\nbuild/\ndist/\n"
-        )
+        (TREE / ".git" / "info" / "exclude").write_text("__pycache__/\n*.egg-info/\n.pytest_cache/\nbuild/\ndist/\n")
         git_tree("add", "-A")
         git_tree("commit", "-q", "-m", f"peft {p['PEFT_VERSION']} (pristine sdist)")
         git_tree("tag", f"upstream-{p['PEFT_VERSION']}")

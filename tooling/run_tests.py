@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Run the project's tests offline on the patched tree, and compare upstream's test files with the pristine sdist.
 
-    run_tests.py test     [pytest args]  `make test`: our tests and the upstream test files we run on the patched tree,
-                                         the same upstream files on the pristine sdist, then the regression rule: the
-                                         patched tree may fail nothing that the pristine tree passes
-    run_tests.py patched  [pytest args]  a quicker development run on the patched tree only: the tests listed in
-                                         tooling/upstream-known-failures.txt are xfailed/skipped, anything else fails
-    run_tests.py known-failures          rewrite tooling/upstream-known-failures.txt from a pristine run
+run_tests.py test     [pytest args]  `make test`: our tests and the upstream test files we run on the patched tree,
+                                     the same upstream files on the pristine sdist, then the regression rule: the
+                                     patched tree may fail nothing that the pristine tree passes
+run_tests.py patched  [pytest args]  a quicker development run on the patched tree only: the tests listed in
+                                     tooling/upstream-known-failures.txt are xfailed/skipped, anything else fails
+run_tests.py known-failures          rewrite tooling/upstream-known-failures.txt from a pristine run
 """
 
 import os
@@ -45,8 +45,22 @@ def pytest(tree, files, junit, extra, pythonpath, known=True):
     if not known:
         env["PEFT_NO_KNOWN_FAILURES"] = "1"
     workers = os.environ.get("PYTEST_WORKERS", "2")
-    cmd = [str(PY), "-m", "pytest", "-p", "pytest_offline", "--import-mode=importlib", "-o", "addopts=",
-           "-p", "no:cacheprovider", "-q", "-rfE", f"--junitxml={junit}", "--timeout=900"]
+    cmd = [
+        str(PY),
+        "-m",
+        "pytest",
+        "-p",
+        "pytest_offline",
+        "--import-mode=importlib",
+        "-o",
+        "addopts=",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rfE",
+        f"--junitxml={junit}",
+        "--timeout=900",
+    ]
     if workers != "0":
         cmd += ["-n", workers]
     print("+", " ".join(cmd[1:] + files + extra), f"(in {tree.relative_to(ROOT)})", flush=True)
@@ -105,8 +119,10 @@ def regression_rule(patched, pristine):
     stale = sorted(t for t in known if pristine.get(t) == "passed")
     ours = sum(1 for t in patched if t not in pristine)
     print(f"\npristine upstream: {sum(o == 'failed' for o in pristine.values())} of {len(pristine)} tests failed")
-    print(f"patched tree: {len(patched)} tests ({ours} only in the patched tree), "
-          f"{len(upstream_failures)} failed that also fail on pristine upstream")
+    print(
+        f"patched tree: {len(patched)} tests ({ours} only in the patched tree), "
+        f"{len(upstream_failures)} failed that also fail on pristine upstream"
+    )
     for t in unlisted:
         print(f"note: fails on pristine too but is not in upstream-known-failures.txt: {t}")
     for t in stale:
