@@ -89,7 +89,7 @@ wheel: $(DEPS_STAMP)
 	@ls dist/*.whl
 
 pr:
-	$(TOOL) pr
+	$(TOOL) pr $(if $(PR_BRANCH),--branch $(PR_BRANCH))
 
 # --- the main job and the benchmarks -----------------------------------------------------------------------------
 

@@ -448,6 +448,8 @@ def cmd_pr(args):
         dirty = run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo).stdout
         if dirty:
             raise BuildError(f"PEFT_REPO={repo} has uncommitted changes; commit or stash them first")
+        if run(["git", "rev-parse", "--verify", "-q", f"refs/heads/{branch}"], cwd=repo, check=False).returncode == 0:
+            raise BuildError(f"PEFT_REPO={repo} already has a branch {branch}; pass PR_BRANCH=<another name>")
         run(["git", "checkout", "-q", "-b", branch], cwd=repo)
         res = run(["git", "am", "-3", *written], cwd=repo, check=False)
         if res.returncode != 0:
