@@ -1,0 +1,182 @@
+# Copyright 2026-present the HuggingFace Inc. team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+This module contains the optimizer helper of DISeL, which trains the gates with their own learning rate.
+"""
+
+import re
+import warnings
+from typing import Optional
+
+from torch import nn
+from torch.optim import Optimizer
+from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+from transformers.trainer_pt_utils import get_parameter_names
+
+from ..tuners.lora.disel import DiselConfig
+
+
+# the name patterns that transformers' Trainer excludes from weight decay (biases and norm weights)
+_NO_DECAY_PATTERNS = [
+    re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+]
+_GATE_CONTAINER = "lora_disel_gate"
+
+
+def _gate_adapter_name(param_name: str) -> Optional[str]:
+    """The adapter name of a DISeL gate parameter (`...lora_disel_gate.<adapter>.weight`), `None` for other params."""
+    parts = param_name.split(".")
+    if _GATE_CONTAINER in parts[:-2]:
+        return parts[parts.index(_GATE_CONTAINER) + 1]
+    return None
+
+
+def _find_peft_config(model: nn.Module) -> dict:
+    """The `peft_config` dict of a PeftModel, a LoraModel or the base model they inject into (`{}` if none)."""
+    for module in model.modules():
+        peft_config = getattr(module, "peft_config", None)
+        if isinstance(peft_config, dict):
+            return peft_config
+    return {}
+
+
+def create_disel_optimizer(
+    model: nn.Module,
+    optimizer_cls: type[Optimizer],
+    *,
+    lr: float,
+    gate_lr_ratio: Optional[float] = None,
+    weight_decay: float = 0.0,
+    **kwargs,
+) -> Optimizer:
+    """
+    Creates an optimizer for a model with DISeL adapters (`LoraConfig(use_disel=True)`), with the gates in their own
+    parameter group(s).
+
+    DISeL: Dynamic Input-Sensitive LoRA, https://huggingface.co/papers/2605.19028
+
+    The gate parameters (those of the `lora_disel_gate` modules) are trained at `lr * gate_lr_ratio` without weight
+    decay; the paper trains them at 5x the LoRA learning rate (e.g. 1e-3 vs 2e-4). The gate learning rate is the main
+    knob of the adaptation-versus-retention trade-off: a higher ratio lets the gates open faster (more adaptation), a
+    lower one keeps them closed longer (more retention of the pre-trained behaviour). All other trainable parameters
+    (`lora_A`, `lora_B`, `modules_to_save`, ...) are trained at `lr`, with `weight_decay` except for biases and norm
+    weights, as transformers' `Trainer` does. Frozen parameters are left out.
+
+    Pass the result to a transformers `Trainer` as `Trainer(..., optimizers=(optimizer, None))`.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from peft.optimizers import create_disel_optimizer
+
+    >>> model = get_peft_model(base_model, LoraConfig(use_disel=True, target_modules="all-linear"))
+    >>> optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=2e-4, weight_decay=0.01)
+    ```
+
+    Args:
+        model (`torch.nn.Module`):
+            The model to be optimized: a `PeftModel`, its `base_model`, or the model it injected the adapters into.
+            It must have at least one trainable DISeL gate.
+        optimizer_cls (`type[torch.optim.Optimizer]`):
+            The optimizer class to be used, e.g. `torch.optim.AdamW`.
+        lr (`float`):
+            The learning rate of the non-gate parameters.
+        gate_lr_ratio (`float`, *optional*):
+            The learning rate of the gates relative to `lr`. If `None` (default), each adapter uses the
+            `gate_lr_ratio` of its `DiselConfig` (5.0 unless set otherwise), so that adapters with different ratios get
+            one gate parameter group each. If given, it applies to the gates of all adapters.
+        weight_decay (`float`, *optional*, defaults to `0.0`):
+            The weight decay of the non-gate parameters other than biases and norm weights. The gates never get weight
+            decay.
+        kwargs (`dict`):
+            Additional keyword arguments to be passed to the optimizer, e.g. `betas` or `eps`.
+
+    Returns:
+        `torch.optim.Optimizer`: An instance of `optimizer_cls` with the parameters grouped as described above (empty
+        groups are left out).
+    """
+    if gate_lr_ratio is not None and not gate_lr_ratio > 0:
+        raise ValueError(f"`gate_lr_ratio` must be a positive number, got {gate_lr_ratio!r}.")
+
+    peft_config = _find_peft_config(model)
+    missing_config = set()
+
+    def adapter_ratio(adapter_name: str) -> float:
+        if gate_lr_ratio is not None:
+            return gate_lr_ratio
+        config = peft_config.get(adapter_name)
+        if config is None:
+            missing_config.add(adapter_name)
+        disel_config = getattr(config, "disel_config", None) or DiselConfig()
+        return disel_config.gate_lr_ratio
+
+    decay_names = get_parameter_names(model, ALL_LAYERNORM_LAYERS)
+    decay_names = {name for name in decay_names if not any(p.search(name.lower()) for p in _NO_DECAY_PATTERNS)}
+
+    decay, no_decay = [], []
+    gate_groups: dict[float, list[nn.Parameter]] = {}  # gate learning-rate ratio -> parameters, in model order
+    has_frozen_gates = False
+    for name, param in model.named_parameters():
+        adapter_name = _gate_adapter_name(name)
+        if not param.requires_grad:
+            has_frozen_gates = has_frozen_gates or adapter_name is not None
+            continue
+        if adapter_name is not None:
+            gate_groups.setdefault(adapter_ratio(adapter_name), []).append(param)
+        elif name in decay_names:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+
+    if not gate_groups:
+        if has_frozen_gates:
+            raise ValueError(
+                "`create_disel_optimizer` found DISeL gates, but none of them is trainable: set `requires_grad=True` "
+                "on the gates of the adapter to train (e.g. with `model.set_adapter(...)`), or use a regular optimizer."
+            )
+        raise ValueError(
+            "`create_disel_optimizer` found no DISeL gate in the model: it is meant for adapters created with "
+            "`LoraConfig(use_disel=True)`. For other LoRA adapters, use a regular optimizer (or "
+            "`peft.optimizers.create_loraplus_optimizer`)."
+        )
+    if missing_config:
+        warnings.warn(
+            f"No config found for the DISeL adapter(s) {sorted(missing_config)}: their gates use the default "
+            f"`gate_lr_ratio={DiselConfig().gate_lr_ratio}`. Pass `gate_lr_ratio` to choose it."
+        )
+
+    param_groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+    ]
+    param_groups += [
+        {"params": params, "weight_decay": 0.0, "lr": lr * ratio} for ratio, params in gate_groups.items()
+    ]
+    param_groups = [group for group in param_groups if group["params"]]
+
+    kwargs["lr"] = lr
+    optimizer = optimizer_cls(param_groups, **kwargs)
+    eight_bit_names = ["Adam8bit", "AdamW8bit", "PagedAdam8bit", "PagedAdamW8bit"]
+    if optimizer_cls.__name__ in eight_bit_names:
+        # as transformers' Trainer and `create_loraplus_optimizer` do: keep embedding weights in 32-bit optimizer states
+        import bitsandbytes
+
+        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+    return optimizer
