@@ -85,6 +85,8 @@ class DiselConfig:
             raise ValueError(f"`gate_bias_init` must be finite, got {self.gate_bias_init}.")
         if self.gate_weight_init not in ("random", "zero"):
             raise ValueError(f"`gate_weight_init` must be 'random' or 'zero', got {self.gate_weight_init!r}.")
+        if not isinstance(self.gate_normalize, bool):
+            raise TypeError(f"`gate_normalize` must be a bool, got {self.gate_normalize!r}.")
         if self.gate_bottleneck_dim is not None and (
             isinstance(self.gate_bottleneck_dim, bool)
             or not isinstance(self.gate_bottleneck_dim, int)
@@ -93,8 +95,10 @@ class DiselConfig:
             raise ValueError(
                 f"`gate_bottleneck_dim` must be a positive integer or None, got {self.gate_bottleneck_dim!r}."
             )
-        if not (isinstance(self.gate_lr_ratio, (int, float)) and math.isfinite(self.gate_lr_ratio)) or (
-            self.gate_lr_ratio <= 0
+        if (
+            isinstance(self.gate_lr_ratio, bool)
+            or not (isinstance(self.gate_lr_ratio, (int, float)) and math.isfinite(self.gate_lr_ratio))
+            or self.gate_lr_ratio <= 0
         ):
             raise ValueError(f"`gate_lr_ratio` must be a positive number, got {self.gate_lr_ratio!r}.")
 
