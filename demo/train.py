@@ -1,0 +1,174 @@
+"""Fine-tuning for the demo: the same data, rank, targets, steps and LoRA learning rate for every method.
+
+- "lora":  plain LoRA, AdamW over all adapter parameters.
+- "disel": LoRA with DISeL gates (`LoraConfig(use_disel=True)`), optimizer from `peft.optimizers.create_disel_optimizer`
+  (gates at `gate_lr_ratio` x the LoRA lr, no weight decay on the gates).
+- "dora":  DoRA (`use_dora=True`), an optional extra reference point.
+"""
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from data import prompt, target
+from evaluate import position_ids
+from model import DemoError
+from tqdm.auto import tqdm
+
+
+METHODS = ("lora", "disel", "dora")
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TrainConfig:
+    rank: int = 8
+    alpha: int = 16
+    targets: tuple = ALL_TARGETS
+    layers: list = None  # layer indices to adapt; None: all
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.1
+    gate_bias_init: float = -3.0
+    gate_lr_ratio: float = 5.0
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def lora_config(method: str, cfg: TrainConfig):
+    from peft import DiselConfig, LoraConfig
+
+    kwargs = {
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(cfg.targets),
+        "layers_to_transform": cfg.layers,
+        "task_type": "CAUSAL_LM",
+    }
+    if method == "disel":
+        disel = DiselConfig(gate_bias_init=cfg.gate_bias_init, gate_lr_ratio=cfg.gate_lr_ratio)
+        return LoraConfig(use_disel=True, disel_config=disel, **kwargs)
+    if method == "dora":
+        return LoraConfig(use_dora=True, **kwargs)
+    if method == "lora":
+        return LoraConfig(**kwargs)
+    raise ValueError(f"unknown method {method!r}, expected one of {METHODS}")
+
+
+def make_optimizer(model, method: str, cfg: TrainConfig):
+    """AdamW at the LoRA lr; for DISeL through peft's `create_disel_optimizer` (gates at gate_lr_ratio x lr, no decay)."""
+    if method == "disel":
+        from peft.optimizers import create_disel_optimizer
+
+        return create_disel_optimizer(
+            model, torch.optim.AdamW, lr=cfg.lr, gate_lr_ratio=cfg.gate_lr_ratio, weight_decay=cfg.weight_decay
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_lambda(cfg: TrainConfig):
+    warm = max(1, int(cfg.warmup * cfg.steps))
+
+    def f(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+    return f
+
+
+def encode_batch(tokenizer, problems):
+    """Left-padded prompt+answer+eos ids, attention mask, and the number of trailing positions that carry the loss."""
+    eos = tokenizer.eos_token_id
+    rows, n_target = [], 0
+    for p in problems:
+        q = tokenizer(prompt(p.question), add_special_tokens=False)["input_ids"]
+        a = tokenizer(target(p), add_special_tokens=False)["input_ids"] + [eos]
+        rows.append((q, a))
+        n_target = max(n_target, len(a))
+    length = max(len(q) + len(a) for q, a in rows)
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (q, a) in enumerate(rows):
+        seq = q + a
+        ids[i, length - len(seq) :] = torch.tensor(seq)
+        mask[i, length - len(seq) :] = 1
+        labels[i, length - len(a) :] = torch.tensor(a)
+    return ids, mask, labels, n_target
+
+
+def answer_loss(model, ids, mask, labels, n_target):
+    """Cross-entropy on the answer tokens only; with left padding they are the last positions of every row, so only
+    `n_target + 1` positions go through the LM head."""
+    keep = n_target + 1
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep, use_cache=False
+    ).logits
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, -n_target:].flatten(), ignore_index=-100)
+
+
+def count_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train(model, tokenizer, problems, method: str, cfg: TrainConfig, desc=None):
+    """Wrap `model` with the method's adapter, train it; returns (peft_model, info dict)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    try:
+        peft_model = get_peft_model(model, lora_config(method, cfg))
+    except ValueError as e:
+        raise DemoError(
+            f"Could not add the {method} adapter: {e}\nChoose --targets (module names) and --layers that exist in "
+            "this model."
+        ) from e
+    optimizer = make_optimizer(peft_model, method, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    rng = random.Random(cfg.seed)
+    order = []
+    losses = []
+    peft_model.train()
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc=desc or f"train {method}", unit="step", leave=False)
+    for _ in bar:
+        if len(order) < cfg.batch_size:
+            fresh = list(range(len(problems)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        batch = [problems[i] for i in order[: cfg.batch_size]]
+        del order[: cfg.batch_size]
+        ids, mask, labels, n_target = encode_batch(tokenizer, batch)
+        loss = answer_loss(peft_model, ids, mask, labels, n_target)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach().item())
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    bar.close()
+    peft_model.eval()
+    info = {
+        "train_seconds": time.time() - t0,
+        "trainable_params": count_trainable(peft_model),
+        "loss_first10": sum(losses[:10]) / max(1, len(losses[:10])),
+        "loss_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "losses": [round(x, 4) for x in losses],
+        "optimizer_groups": [
+            {
+                "n_params": sum(p.numel() for p in g["params"]),
+                "lr": g.get("initial_lr", g["lr"]),
+                "weight_decay": g["weight_decay"],
+            }
+            for g in optimizer.param_groups
+        ],
+    }
+    return peft_model, info

