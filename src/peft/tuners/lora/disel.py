@@ -214,14 +214,14 @@ class DiselGate(nn.Module):
         channel_last = self.kind != "conv"
         if self.weight_up is not None:
             if channel_last:
-                h = F.linear(h, self.weight_up)
-            else:
-                h = torch.einsum("rk,bk...->br...", self.weight_up, h)
+                # one addmm: norm * U h + bias (the norm scales the small U, not the activations)
+                weight_up = self.weight_up * self.norm if self.norm != 1.0 else self.weight_up
+                return F.linear(h, weight_up, self.bias)
+            h = torch.einsum("rk,bk...->br...", self.weight_up, h)
+        bias = self.bias if channel_last else self.bias.view(-1, *([1] * (h.dim() - 2)))
         if self.norm != 1.0:
-            h = h * self.norm
-        if channel_last:
-            return h + self.bias
-        return h + self.bias.view(-1, *([1] * (h.dim() - 2)))
+            return torch.add(bias, h, alpha=self.norm)  # norm * h + bias in one op
+        return h + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The gate logits for input `x`."""
@@ -268,15 +268,128 @@ def reset_disel_gate(gate: DiselGate, weight_init: str) -> None:
         nn.init.zeros_(gate.weight_up if gate.weight_up is not None else gate.weight)
 
 
-def disel_linear_delta(module, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-    """`scaling * B(g(x) * A(dropout(x)))` for a Linear (or transformers Conv1D) or a Conv1d/2d/3d layer."""
+def _concat_weight(weight_a: torch.Tensor, weight_g: torch.Tensor, norm: float) -> torch.Tensor:
+    return torch.cat([weight_a, weight_g * norm if norm != 1.0 else weight_g])
+
+
+class _DiselProjection(torch.autograd.Function):
+    """`[A x | norm * W_g x + b]`: A and the gate projection as one GEMM (with the bias of the gate half folded in).
+
+    The weights are concatenated on the fly, in forward and again in backward, so that only the weights themselves are
+    saved: with `F.linear(x, torch.cat(...))` autograd would keep the concatenated copy for backward in every layer.
+    `bias` is `None` for a bottleneck gate, whose projection output is `V x`. Under autocast the backward GEMMs run in
+    the dtype of the forward GEMM, like autocast's own casts.
+    """
+
+    @staticmethod
+    def forward(x, weight_a, weight_g, bias, norm):
+        weight = _concat_weight(weight_a, weight_g, norm)
+        if bias is None:
+            return F.linear(x, weight)
+        return F.linear(x, weight, torch.cat([bias.new_zeros(weight_a.shape[0]), bias]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight_a, weight_g, bias, norm = inputs
+        ctx.save_for_backward(x, weight_a, weight_g)
+        ctx.norm = norm
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, weight_a, weight_g = ctx.saved_tensors
+        r, dtype = weight_a.shape[0], grad_h.dtype
+        grad_x = grad_a = grad_g = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_h @ _concat_weight(weight_a, weight_g, ctx.norm).to(dtype)).to(x.dtype)
+        grad_h = grad_h.reshape(-1, grad_h.shape[-1])
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_w = grad_h.T @ x.reshape(-1, x.shape[-1]).to(dtype)
+            grad_a, grad_g = grad_w.split([r, weight_g.shape[0]])
+            grad_a = grad_a.to(weight_a.dtype)
+            grad_g = grad_g * ctx.norm if ctx.norm != 1.0 else grad_g
+            grad_g = grad_g.to(weight_g.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_h[:, r:].sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_a, grad_g, grad_bias, None
+
+
+_FUSABLE_A = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _can_fuse(lora_A: nn.Module, gate: DiselGate, dropout: nn.Module) -> bool:
+    """Whether `A x` and the gate projection can run as one GEMM over `x`.
+
+    Needs a no-op dropout (A and the gate then read the same input) and plain modules whose weights are read directly:
+    no hooks or wrappers (DeepSpeed ZeRO-3 and FSDP gather the weights of `lora_A` and the gate in their own forward
+    hooks, so those keep the module calls).
+    """
+    if isinstance(dropout, nn.Dropout):
+        if dropout.training and dropout.p > 0:
+            return False
+    elif not isinstance(dropout, nn.Identity):
+        return False
+    if type(lora_A) not in _FUSABLE_A or type(gate) is not DiselGate:
+        return False
+    if lora_A._forward_hooks or lora_A._forward_pre_hooks or gate._forward_hooks or gate._forward_pre_hooks:
+        return False
+    a_weight, g_weight = lora_A.weight, gate.weight
+    return a_weight.dtype == g_weight.dtype and a_weight.device == g_weight.device
+
+
+def _disel_linear_delta_plain(module, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    """Separate module calls for A and the gate: used when dropout is active (A reads dropout(x), the gate x)."""
     lora_A = module.lora_A[adapter_name]
     lora_B = module.lora_B[adapter_name]
     dropout = module.lora_dropout[adapter_name]
     gate = module.lora_disel_gate[adapter_name]
-    a = lora_A(dropout(x))
-    logits = gate(x)
-    return lora_B(a * torch.sigmoid(logits)) * module.scaling[adapter_name]
+    a = lora_A(dropout(x)) * module.scaling[adapter_name]
+    return lora_B(a * torch.sigmoid(gate(x)))
+
+
+def _disel_linear_delta_fused(module, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    """`A x` and the gate projection as one GEMM (or convolution) over `x` with the concatenated weights, then split.
+
+    The weights are concatenated on every call: a copy of `r x d_in` values, negligible next to the GEMM (a cached copy
+    measured no faster, and would have to follow in-place optimizer updates).
+    """
+    lora_A = module.lora_A[adapter_name]
+    lora_B = module.lora_B[adapter_name]
+    gate = module.lora_disel_gate[adapter_name]
+    r, n_gate = lora_A.weight.shape[0], gate.weight.shape[0]
+    full_gate = gate.weight_up is None
+    # the full gate's normalization and bias go into the projection, which then gives [A x | gate logits]
+    norm, bias = (gate.norm, gate.bias) if full_gate else (1.0, None)
+    if gate.kind == "conv":
+        bias = None if bias is None else torch.cat([bias.new_zeros(r), bias])
+        weight = _concat_weight(lora_A.weight, gate.weight, norm)
+        h = gate.conv_fn(x, weight, bias, lora_A.stride, lora_A.padding, lora_A.dilation, lora_A.groups)
+        dim = 1
+    else:
+        # without autograd (inference), skip the autograd.Function machinery: it costs more than the ops here
+        projection = _DiselProjection.apply if torch.is_grad_enabled() else _DiselProjection.forward
+        h = projection(x, lora_A.weight, gate.weight, bias, norm)
+        dim = -1
+    if full_gate:
+        # a * sigmoid(logits) in one kernel (and one in backward); it saves h, which autograd frees after backward
+        out = F.glu(h, dim)
+    else:
+        a, v = h.split([r, n_gate], dim)
+        out = a * torch.sigmoid(gate.finish(v))
+    # the scaling on the r-wide product rather than on the d_out-wide output of B
+    return lora_B(out * module.scaling[adapter_name])
+
+
+def disel_linear_delta(module, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    """`scaling * B(g(x) * A(dropout(x)))` for a Linear (or transformers Conv1D) or a Conv1d/2d/3d layer.
+
+    With a no-op dropout (`lora_dropout=0`, or eval mode), `A x` and the gate projection share one GEMM over `x`.
+    """
+    lora_A = module.lora_A[adapter_name]
+    gate = module.lora_disel_gate[adapter_name]
+    if _can_fuse(lora_A, gate, module.lora_dropout[adapter_name]):
+        return _disel_linear_delta_fused(module, adapter_name, x)
+    return _disel_linear_delta_plain(module, adapter_name, x)
 
 
 def disel_embedding_delta(module, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -288,7 +401,8 @@ def disel_embedding_delta(module, adapter_name: str, x: torch.Tensor) -> torch.T
     after_A = module._embed(x, embedding_A, input_fn=input_fn, output_fn=output_fn)
     gate = module.lora_disel_gate[adapter_name]
     logits = gate(x)
-    delta = ((after_A * torch.sigmoid(logits)) @ embedding_B) * module.scaling[adapter_name]
+    # the scaling on the r-wide product, not on the d_out-wide delta
+    delta = ((after_A * module.scaling[adapter_name]) * torch.sigmoid(logits)) @ embedding_B
     embed_scale = module._get_embed_scale()
     if embed_scale is not None:
         delta = delta * embed_scale.to(delta.dtype)
@@ -314,9 +428,9 @@ def warn_missing_disel_gates(missing_keys, adapter_name: str) -> None:
         shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
         warnings.warn(
             f"The checkpoint for DISeL adapter '{adapter_name}' has no weights for {len(missing)} gate parameter(s), "
-            f"which keep their fresh initialization instead of trained values: {shown}. The checkpoint was probably "
-            "saved without its gates (e.g. by a separate DISeL package that stores them in another file); the adapter "
-            "will not behave as trained.",
+            f"which keep their fresh initialization instead of trained values (or, with `low_cpu_mem_usage=True`, "
+            f"stay on the meta device): {shown}. The checkpoint was probably saved without its gates (e.g. by a "
+            "separate DISeL package that stores them in another file); the adapter will not behave as trained.",
             UserWarning,
             stacklevel=3,
         )
