@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (default, offline) or any HF model id or path")
     p.add_argument("--out", default=str(ROOT / "build" / "demo"), help="output and cache folder")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps per method")
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps per method")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=int, default=None, help="lora_alpha (default: 2 x rank)")
