@@ -410,6 +410,9 @@ def cmd_pr(args):
     base = git("rev-parse", "HEAD").stdout.strip()
 
     changed = dict.fromkeys(patch_files(), "patch") | dict.fromkeys(our_files(), "new")
+    # files at upstream paths that serve this repository only (e.g. the demo's smoke test) stay out of the PR
+    excluded = series.get("exclude", [])
+    changed = {rel: c for rel, c in changed.items() if not any(fnmatch.fnmatch(rel, g) for g in excluded)}
     assigned = {}
     for i, commit in enumerate(series["commit"]):
         for rel in changed:
