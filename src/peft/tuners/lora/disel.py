@@ -348,7 +348,7 @@ def _disel_linear_delta_plain(module, adapter_name: str, x: torch.Tensor) -> tor
 
 
 def _disel_linear_delta_fused(module, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-    """`A x` and the gate projection as one GEMM (or convolution) over `x` with the concatenated weights, then split.
+    """`A x` and the gate projection as one GEMM (or convolution) over `x` with the concatenated weights.
 
     The weights are concatenated on every call: a copy of `r x d_in` values, negligible next to the GEMM (a cached copy
     measured no faster, and would have to follow in-place optimizer updates).
