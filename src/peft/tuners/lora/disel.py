@@ -337,25 +337,21 @@ def _can_fuse(lora_A: nn.Module, gate: DiselGate, dropout: nn.Module) -> bool:
     return a_weight.dtype == g_weight.dtype and a_weight.device == g_weight.device
 
 
-def _disel_linear_delta_plain(module, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+def _disel_linear_delta_plain(module, adapter_name: str, x: torch.Tensor, lora_A, gate) -> torch.Tensor:
     """Separate module calls for A and the gate: used when dropout is active (A reads dropout(x), the gate x)."""
-    lora_A = module.lora_A[adapter_name]
     lora_B = module.lora_B[adapter_name]
     dropout = module.lora_dropout[adapter_name]
-    gate = module.lora_disel_gate[adapter_name]
     a = lora_A(dropout(x)) * module.scaling[adapter_name]
     return lora_B(a * torch.sigmoid(gate(x)))
 
 
-def _disel_linear_delta_fused(module, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+def _disel_linear_delta_fused(module, adapter_name: str, x: torch.Tensor, lora_A, gate) -> torch.Tensor:
     """`A x` and the gate projection as one GEMM (or convolution) over `x` with the concatenated weights.
 
     The weights are concatenated on every call: a copy of `r x d_in` values, negligible next to the GEMM (a cached copy
     measured no faster, and would have to follow in-place optimizer updates).
     """
-    lora_A = module.lora_A[adapter_name]
     lora_B = module.lora_B[adapter_name]
-    gate = module.lora_disel_gate[adapter_name]
     r, n_gate = lora_A.weight.shape[0], gate.weight.shape[0]
     full_gate = gate.weight_up is None
     # the full gate's normalization and bias go into the projection, which then gives [A x | gate logits]
@@ -387,9 +383,10 @@ def disel_linear_delta(module, adapter_name: str, x: torch.Tensor) -> torch.Tens
     """
     lora_A = module.lora_A[adapter_name]
     gate = module.lora_disel_gate[adapter_name]
+    # the two modules are looked up once per call and handed on: this runs for every adapted layer on every forward
     if _can_fuse(lora_A, gate, module.lora_dropout[adapter_name]):
-        return _disel_linear_delta_fused(module, adapter_name, x)
-    return _disel_linear_delta_plain(module, adapter_name, x)
+        return _disel_linear_delta_fused(module, adapter_name, x, lora_A, gate)
+    return _disel_linear_delta_plain(module, adapter_name, x, lora_A, gate)
 
 
 def disel_embedding_delta(module, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -416,14 +413,9 @@ MERGE_ERROR = (
 )
 
 
-def disel_gate_missing_keys(missing_keys, adapter_name: str) -> list[str]:
-    """The DISeL gate parameters of `adapter_name` among the missing keys of a `load_state_dict`."""
-    return [k for k in missing_keys if f".lora_disel_gate.{adapter_name}." in k]
-
-
 def warn_missing_disel_gates(missing_keys, adapter_name: str) -> None:
     """Warn loudly when a checkpoint lacks DISeL gate weights: they would silently stay at their fresh init."""
-    missing = disel_gate_missing_keys(missing_keys, adapter_name)
+    missing = [k for k in missing_keys if f".lora_disel_gate.{adapter_name}." in k]
     if missing:
         shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
         warnings.warn(
