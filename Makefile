@@ -19,11 +19,11 @@ help:
 	@echo "make test           install, then our tests + upstream's test files, patched vs pristine, offline"
 	@echo "make install        .venv with torch ($(TORCH_SPEC)), the test deps and the patched peft (editable)"
 	@echo "make tree           materialise build/peft: pristine sdist + patches/ + our files (symlinked)"
-	@echo "make patches        regenerate patches/ from edits to upstream files in build/peft"
-	@echo "make check          the series applies to a fresh sdist, is in sync with build/peft, shadows nothing"
+	@echo "make patches        regenerate the topic series in patches/ from build/peft's commits"
+	@echo "make check          the series applies to the verified sdist, is in sync with build/peft, every file has a topic"
 	@echo "make test-patched   a faster test run on the patched tree only (known upstream failures xfailed)"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
-	@echo "make pr             the upstream pull request as git format-patch files in dist/pr/ (PEFT_REPO=... applies it)"
+	@echo "make pr             the upstream pull request, one commit per topic, in dist/pr/ (PEFT_REPO=... applies it)"
 	@echo "make bench          DISeL vs LoRA vs DoRA speed and memory ratios; make bench-quick for a short run"
 	@echo "make quality        ruff on our files and on the patched upstream files"
 
@@ -78,8 +78,8 @@ known-failures: install
 quality: install
 	$(VENV)/bin/ruff check src tests examples method_comparison tooling bench demo
 	$(VENV)/bin/ruff format --check src tests examples method_comparison tooling bench demo
-	cd build/peft && ../../$(VENV)/bin/ruff check $$(cd ../.. && find patches -name '*.py.patch' | sed -e 's|^patches/||' -e 's|\.patch$$||')
-	cd build/peft && ../../$(VENV)/bin/ruff format --check $$(cd ../.. && find patches -name '*.py.patch' | sed -e 's|^patches/||' -e 's|\.patch$$||')
+	cd build/peft && ../../$(VENV)/bin/ruff check $$(git diff --name-only $$(git tag -l 'upstream-*') -- '*.py')
+	cd build/peft && ../../$(VENV)/bin/ruff format --check $$(git diff --name-only $$(git tag -l 'upstream-*') -- '*.py')
 
 # --- packaging and the upstream PR -------------------------------------------------------------------------------
 

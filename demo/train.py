@@ -52,7 +52,7 @@ def lora_config(method: str, cfg: TrainConfig):
         "task_type": "CAUSAL_LM",
     }
     if method == "disel":
-        disel = DiselConfig(gate_bias_init=cfg.gate_bias_init, gate_lr_ratio=cfg.gate_lr_ratio)
+        disel = DiselConfig(gate_bias_init=cfg.gate_bias_init)
         return LoraConfig(use_disel=True, disel_config=disel, **kwargs)
     if method == "dora":
         return LoraConfig(use_dora=True, **kwargs)

@@ -1,24 +1,26 @@
 #!/usr/bin/env python3
-"""Build a patched `peft` from the pinned upstream sdist, our new files and our patch series.
+"""Build a patched `peft` from the pinned upstream sdist, our topic patch series and our new files.
 
-Subcommands (all run from the repository root; the Makefile wraps them):
+The change to upstream is an ordered series of topic patches (`patches/series`, one `git format-patch` commit each).
+The development tree build/peft/ is a git repository: the pristine sdist (tag `upstream-<version>`) plus one commit per
+topic, with our new files symlinked in (git ignores them there). Each topic's commit message ends with DEP-3 style
+fields: `Forwarded:` and `Files:`, the globs of our new files that the topic introduces.
 
-    fetch        download the pinned sdist into build/upstream/ and verify its sha256
-    tree         materialise build/peft/: pristine sdist as a git repo, patches applied, our new files symlinked
-    patches      regenerate patches/ from edits made to upstream files inside build/peft/
-    check        apply the series to a fresh extraction; fail on rejects, on a tree out of sync, on shadowed files
-    release DIR  write a self-contained patched source tree (copies, no symlinks) to DIR
-    pristine DIR extract the unpatched sdist to DIR (for the regression comparison)
-    pr           write the upstream pull request as a `git format-patch` series to dist/pr/
+Subcommands (run from the repository root; the Makefile wraps them):
 
-Nothing here is specific to DISeL: the series in patches/ and the files under the upstream trees decide what the
-patched package contains.
+    tree         materialise build/peft (never discards commits or edits that are not in patches/)
+    reset-tree   throw build/peft away and materialise it again
+    patches      regenerate patches/ from the commits of build/peft (`git format-patch`)
+    check        the series applies to the checksum-verified sdist, build/peft is in sync, every new file has a topic
+    release DIR  a self-contained patched source tree (copies, no symlinks), as `pip install .` builds it
+    pristine DIR the unpatched sdist (for the regression comparison)
+    pr           the upstream pull request in dist/pr/: each topic's commit with its new files; with PEFT_REPO=...,
+                 also applied to a peft checkout together with patches/pr-only/ (files the sdist lacks)
 """
 
 import argparse
 import fnmatch
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -28,21 +30,29 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import tomllib
-
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
 PATCHES = ROOT / "patches"
+PR_ONLY = PATCHES / "pr-only"
 TREE = BUILD / "peft"
 # Trees whose files are new files at their upstream path (never a copy of an upstream file).
 UPSTREAM_TREES = ("src", "tests", "docs", "examples", "method_comparison")
 # Files that get the local version stamp; the stamp is a build step, never part of a patch or of the PR.
 STAMPED = {"src/peft/__init__.py": '__version__ = "{v}"', "setup.py": 'VERSION = "{v}"'}
-PATCH_HEADER_TEMPLATE = """Description: TODO say what this change to {path} does and why.
-Forwarded: with the DISeL pull request (`make pr`)
----
-"""
+# Stable `git format-patch` output: no commit ids, no git version, no "n/m" numbering that shifts with the series.
+FORMAT_PATCH = [
+    "format-patch",
+    "--always",
+    "--zero-commit",
+    "--no-signature",
+    "--no-numbered",
+    "--full-index",
+    "--no-binary",
+]
+FIELDS = ("Forwarded", "Files")
+BUILT_REF = "refs/peftpatch/built"
+GIT_ID = ["-c", "user.name=peftpatch", "-c", "user.email=peftpatch@localhost", "-c", "commit.gpgsign=false"]
 
 
 class BuildError(SystemExit):
@@ -61,17 +71,23 @@ def run(cmd, cwd=None, check=True, **kwargs):
     return res
 
 
+def git(repo, *args, check=True):
+    # a repository under build/ lies inside ours: stop git from discovering ours above it
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(Path(repo).resolve().parent)}
+    return run(["git", *GIT_ID, *args], cwd=repo, check=check, env=env)
+
+
 def pin():
     values = {}
     for line in (ROOT / "UPSTREAM").read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
+        key, _, value = line.strip().partition("=")
+        if key and not key.startswith("#"):
             values[key.strip()] = value.strip()
     missing = {"PEFT_VERSION", "PEFT_SHA256", "LOCAL_VERSION"} - values.keys()
     if missing:
         raise BuildError(f"UPSTREAM lacks {sorted(missing)}")
     values["FULL_VERSION"] = f"{values['PEFT_VERSION']}+{values['LOCAL_VERSION']}"
+    values["TAG"] = f"upstream-{values['PEFT_VERSION']}"
     return values
 
 
@@ -83,18 +99,14 @@ def sha256(path):
     return h.hexdigest()
 
 
-def sdist_path():
-    return BUILD / "upstream" / f"peft-{pin()['PEFT_VERSION']}.tar.gz"
-
-
 def fetch():
     p = pin()
-    path = sdist_path()
+    path = BUILD / "upstream" / f"peft-{p['PEFT_VERSION']}.tar.gz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         log(f"downloading the peft=={p['PEFT_VERSION']} sdist")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        res = run(cmd + ["-d", str(path.parent), f"peft=={p['PEFT_VERSION']}"], check=False)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(path.parent)]
+        res = run(cmd + [f"peft=={p['PEFT_VERSION']}"], check=False)
         if res.returncode != 0 or not path.exists():
             raise BuildError(f"could not download the peft=={p['PEFT_VERSION']} sdist:\n{res.stderr[-2000:]}")
     digest = sha256(path)
@@ -108,27 +120,22 @@ def fetch():
 
 def extract(dest):
     """Extract the verified sdist to `dest` (its top folder stripped). Returns the set of upstream paths."""
-    src = fetch()
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     files = set()
-    with tarfile.open(src) as tar:
-        for member in tar.getmembers():
-            parts = member.name.split("/", 1)
-            if len(parts) < 2 or not parts[1]:
-                continue
-            member.name = parts[1]
-            if member.isfile():
-                files.add(member.name)
-            tar.extract(member, dest, filter="data")
-    return files
-
-
-def upstream_files():
     with tarfile.open(fetch()) as tar:
-        return {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile() and "/" in m.name}
+        for member in tar.getmembers():
+            _, _, rel = member.name.partition("/")
+            if not rel:
+                continue
+            member.name = rel
+            if member.isfile():
+                files.add(rel)
+            # the `data` filter (no absolute paths, no links out of the tree) exists from Python 3.10.12 / 3.11.4 on
+            tar.extract(member, dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    return files
 
 
 def our_files():
@@ -136,63 +143,70 @@ def our_files():
     if (ROOT / ".git").exists():
         res = run(["git", "ls-files", "-co", "--exclude-standard", "--", *UPSTREAM_TREES], cwd=ROOT)
         return sorted(p for p in res.stdout.splitlines() if (ROOT / p).is_file())
-    found = []
-    for tree in UPSTREAM_TREES:
-        for path in (ROOT / tree).rglob("*"):
-            if path.is_file() and "__pycache__" not in path.parts:
-                found.append(str(path.relative_to(ROOT)))
-    return sorted(found)
+    found = (p for tree in UPSTREAM_TREES for p in (ROOT / tree).rglob("*") if p.is_file())
+    return sorted(str(p.relative_to(ROOT)) for p in found if "__pycache__" not in p.parts)
 
 
-def patch_files():
-    """Map upstream path -> patch file, for every patch in the series."""
-    return {str(p.relative_to(PATCHES))[: -len(".patch")]: p for p in sorted(PATCHES.rglob("*.patch"))}
-
-
-def check_shadowing(upstream=None):
-    upstream = upstream if upstream is not None else upstream_files()
+def check_shadowing(upstream):
     clash = [f for f in our_files() if f in upstream]
     if clash:
         raise BuildError(
-            "these files of ours also exist in the pinned sdist; an upstream file may only change through "
-            "patches/ (move the change into a patch):\n  " + "\n  ".join(clash)
+            "these files of ours also exist in the pinned sdist; an upstream file may only change through a topic "
+            "patch:\n  " + "\n  ".join(clash)
         )
 
 
-def git_apply(tree, patch, *extra):
-    # `git apply` inside another repository's work tree (build/ lies in ours) silently skips the paths it thinks are
-    # outside the current folder: keep git from discovering any repository above the tree
-    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(Path(tree).resolve().parent)}
-    return run(["git", "apply", *extra, "--whitespace=nowarn", str(patch)], cwd=tree, check=False, env=env)
+# --- the series --------------------------------------------------------------------------------------------------
+
+
+def series(directory=PATCHES):
+    """The patch files of `directory`/series, in order."""
+    order = directory / "series"
+    names = [line.strip() for line in order.read_text().splitlines()] if order.exists() else []
+    patches = [directory / n for n in names if n and not n.startswith("#")]
+    for patch in patches:
+        if not patch.is_file():
+            raise BuildError(f"{order.relative_to(ROOT)} lists {patch.name}, which does not exist")
+    return patches
+
+
+def message_fields(message):
+    """The DEP-3 style fields (`Forwarded:`, `Files:`) that end a topic's commit message or patch header."""
+    fields = {}
+    for line in message.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and key in FIELDS:
+            fields[key] = value.strip()
+    return fields
+
+
+def strip_fields(message):
+    return "\n".join(line for line in message.splitlines() if line.partition(": ")[0] not in FIELDS).rstrip() + "\n"
+
+
+def topic_files(files_field, ours):
+    return [f for f in ours if any(fnmatch.fnmatch(f, glob) for glob in files_field.split())]
 
 
 def apply_series(tree):
-    for path, patch in patch_files().items():
-        target = Path(tree) / path
-        if not target.exists():
-            raise BuildError(f"{patch.relative_to(ROOT)} patches {path}, which the pinned sdist does not have")
-        before = target.read_bytes()
-        res = git_apply(tree, patch, "--check")
-        if res.returncode == 0:
-            res = git_apply(tree, patch)
-        if res.returncode != 0 or target.read_bytes() == before:
+    """`git apply` each topic patch in order (no repository needed): the release tree and `make check` use this."""
+    for patch in series():
+        if "\ndiff --git " not in patch.read_text():
+            continue  # a topic that adds only new files of ours
+        res = git(tree, "apply", "--whitespace=nowarn", str(patch), check=False)
+        if res.returncode != 0:
             raise BuildError(
-                f"{patch.relative_to(ROOT)} no longer applies to peft {pin()['PEFT_VERSION']}:\n"
-                f"{res.stderr or 'it changed nothing'}\nRefresh it: fix the file in build/peft/ by hand, then "
-                "`make patches`."
+                f"{patch.relative_to(ROOT)} no longer applies to peft {pin()['PEFT_VERSION']}:\n{res.stderr}\n"
+                "Refresh it: `make tree` stops at the failing patch in build/peft; fix it there, then `make patches`."
             )
 
 
-def stamp_text(path, text, unstamp=False):
-    if path not in STAMPED:
-        return text
+def stamp_text(path, text):
     p = pin()
     old, new = STAMPED[path].format(v=p["PEFT_VERSION"]), STAMPED[path].format(v=p["FULL_VERSION"])
-    if unstamp:
-        old, new = new, old
+    if text.count(new) == 1:
+        return text
     if text.count(old) != 1:
-        if unstamp and text.count(new) == 1:
-            return text
         raise BuildError(f"cannot stamp the local version into {path}: expected `{old}` exactly once")
     return text.replace(old, new)
 
@@ -215,255 +229,203 @@ def overlay(tree, link):
             shutil.copy2(ROOT / rel, dst)
 
 
-def reference_tree(dest, with_new_files=True, link=False):
-    """Pristine sdist + patches + version stamp (+ our new files): the content the patched package must have."""
+def reference_tree(dest):
+    """Pristine sdist + the series + the version stamp + copies of our new files: what the patched package holds."""
     upstream = extract(dest)
     check_shadowing(upstream)
     apply_series(dest)
     stamp(dest)
-    if with_new_files:
-        overlay(dest, link=link)
-    return upstream
+    overlay(dest, link=False)
 
 
-# --- the materialised development tree -------------------------------------------------------------------------
+# --- the development tree ----------------------------------------------------------------------------------------
 
 
-def git_tree(*args, check=True):
-    return run(["git", *args], cwd=TREE, check=check)
+def init_repo(path, upstream_version):
+    """A git repository of the extracted sdist at `path`, committed and tagged `upstream-<version>`."""
+    git(path, "init", "-q")
+    git(path, "config", "core.autocrlf", "false")
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", f"peft {upstream_version} (pristine sdist)")
+    git(path, "tag", f"upstream-{upstream_version}")
 
 
-def state_file():
-    return TREE / ".git" / "peftpatch-state.json"
+def git_am(repo, patches):
+    # --empty=keep: a topic may add only new files of ours (its upstream diff is then empty)
+    res = git(repo, "am", "-q", "--empty=keep", *map(str, patches), check=False)
+    if res.returncode != 0:
+        failing = git(repo, "am", "--show-current-patch=raw", check=False).stdout.split("\n", 4)[:4]
+        raise BuildError(
+            f"the series stopped applying in {repo}:\n{res.stdout}{res.stderr}\n{''.join(failing)[:300]}\nFix it "
+            "there (`git am --show-current-patch`, edit, `git add`, `git am --continue`), then `make patches`."
+        )
 
 
-def cmd_tree(_args=None):
-    """Create build/peft, or bring it in line with the series without losing edits made in it."""
-    p = pin()
-    ref = BUILD / ".ref"
-    upstream = reference_tree(ref, with_new_files=False)
-    fresh = not (TREE / ".git").exists() or git_tree("tag", "-l", f"upstream-{p['PEFT_VERSION']}").stdout == ""
-    if fresh:
-        if TREE.exists():
-            shutil.rmtree(TREE)
-        extract(TREE)
-        git_tree("init", "-q")
-        git_tree("config", "user.name", "peftpatch")
-        git_tree("config", "user.email", "peftpatch@localhost")
-        git_tree("config", "core.autocrlf", "false")
-        # the version stamp is invisible to git, so `git diff upstream` shows exactly the patch series
-        stamped = p["FULL_VERSION"].replace(".", r"\.")  # a BRE: `+` is literal
-        git_tree("config", "filter.peftstamp.clean", f"sed -e 's/{stamped}/{p['PEFT_VERSION']}/'")
-        (TREE / ".git" / "info").mkdir(exist_ok=True)
-        (TREE / ".git" / "info" / "attributes").write_text("".join(f"/{f} filter=peftstamp\n" for f in STAMPED))
-        (TREE / ".git" / "info" / "exclude").write_text("__pycache__/\n*.egg-info/\n.pytest_cache/\nbuild/\ndist/\n")
-        git_tree("add", "-A")
-        git_tree("commit", "-q", "-m", f"peft {p['PEFT_VERSION']} (pristine sdist)")
-        git_tree("tag", f"upstream-{p['PEFT_VERSION']}")
-        state = {}
-        stamp(TREE)
-        # re-add the stamped files: the clean filter stores them unchanged, and `git status` stops listing them
-        git_tree("add", "--", *STAMPED)
-    else:
-        state = json.loads(state_file().read_text()) if state_file().exists() else {}
+def tree_series():
+    """The series as build/peft's commits would write it: {file name: text}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        git(TREE, *FORMAT_PATCH, "-o", tmp, f"{pin()['TAG']}..HEAD")
+        return {p.name: p.read_text() for p in sorted(Path(tmp).iterdir())}
 
-    conflicts = []
-    for rel in sorted(upstream):
-        cur_path, want = TREE / rel, (ref / rel).read_bytes()
-        cur = cur_path.read_bytes() if cur_path.exists() else None
-        if cur == want:
-            state[rel] = hashlib.sha256(want).hexdigest()
-            continue
-        pristine_stamped = git_tree("show", f"upstream-{p['PEFT_VERSION']}:{rel}").stdout
-        pristine_stamped = stamp_text(rel, pristine_stamped).encode()
-        last = state.get(rel)
-        if cur is None or cur == pristine_stamped or (last and hashlib.sha256(cur).hexdigest() == last):
-            cur_path.write_bytes(want)
-            state[rel] = hashlib.sha256(want).hexdigest()
-        else:
-            conflicts.append(rel)
-    state_file().write_text(json.dumps(state, indent=0, sort_keys=True))
 
-    # our new files: symlinks into this repository, so edits in either place are the same edit
-    ours = set(our_files())
+def tree_dirty():
+    """Uncommitted changes to upstream files in build/peft (the version stamp is hidden by a clean filter)."""
+    return git(TREE, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+
+
+def link_our_files():
+    ours = our_files()
     for path in TREE.rglob("*"):
         if path.is_symlink() and str(path.relative_to(TREE)) not in ours:
             target = (path.parent / os.readlink(path)).resolve()
             if ROOT in target.parents and BUILD not in target.parents:
                 path.unlink()
     overlay(TREE, link=True)
-    shutil.rmtree(ref)
-    if conflicts:
-        raise BuildError(
-            "build/peft has edits that are not in patches/ and differ from the series; keep them with "
-            "`make patches`, or discard them with `make reset-tree`:\n  " + "\n  ".join(conflicts)
-        )
-    log(f"build/peft is peft {p['FULL_VERSION']}: {len(patch_files())} patches, {len(ours)} new files")
+    exclude = ["__pycache__/", "*.egg-info/", ".pytest_cache/", "/build/", "/dist/"] + [f"/{f}" for f in ours]
+    (TREE / ".git" / "info" / "exclude").write_text("\n".join(exclude) + "\n")
+    stamp(TREE)
+    # the clean filter hands git the unstamped text: refreshing the index makes `git status` see no change
+    git(TREE, "add", "--", *STAMPED)
 
 
-def tree_diffs():
-    """Per-file git diffs of build/peft against the pristine sdist (version stamp removed by the clean filter)."""
+def cmd_tree(_args=None):
+    """Create build/peft, or bring it in line with patches/ unless it holds work that is not in patches/."""
     p = pin()
-    out = git_tree("diff", "--no-color", "--no-ext-diff", "--full-index", f"upstream-{p['PEFT_VERSION']}").stdout
-    diffs = {}
-    for chunk in re.split(r"(?m)^(?=diff --git )", out):
-        if chunk.startswith("diff --git "):
-            path = re.match(r"diff --git a/(\S+) b/", chunk).group(1)
-            # drop the `index` line: blob ids change with every edit and only add noise to review
-            diffs[path] = re.sub(r"(?m)^index [0-9a-f]+\.\.[0-9a-f]+( \d+)?\n", "", chunk, count=1)
-    return diffs
-
-
-def patch_body(patch):
-    text = patch.read_text()
-    idx = text.find("diff --git ")
-    return text[:idx], text[idx:]
-
-
-def stray_files():
-    """Regular files created inside build/peft's upstream trees that are neither upstream nor ours."""
-    res = git_tree("ls-files", "--others", "--exclude-standard", "--", *UPSTREAM_TREES)
-    return [p for p in res.stdout.splitlines() if not (TREE / p).is_symlink()]
+    patches = series()
+    if (TREE / ".git").exists() and git(TREE, "tag", "-l", p["TAG"]).stdout.strip():
+        in_sync = not tree_dirty() and list(tree_series().values()) == [q.read_text() for q in patches]
+        if in_sync:
+            link_our_files()
+            log(f"build/peft is peft {p['FULL_VERSION']}: {len(patches)} topics, {len(our_files())} new files")
+            return
+        head = git(TREE, "rev-parse", "HEAD").stdout.strip()
+        built = git(TREE, "rev-parse", "-q", "--verify", BUILT_REF, check=False).stdout.strip()
+        if tree_dirty() or head != built:
+            raise BuildError(
+                "build/peft holds commits or edits that are not in patches/: `make patches` writes them to "
+                "patches/ (commit edits to their topic first), `make reset-tree` throws them away"
+            )
+        # untouched since it was built, and patches/ changed (a pull, say): rebuild it from the series
+        git(TREE, "reset", "-q", "--hard", p["TAG"])
+    else:
+        if TREE.exists():
+            shutil.rmtree(TREE)
+        check_shadowing(extract(TREE))
+        init_repo(TREE, p["PEFT_VERSION"])
+        # the version stamp is invisible to git, so the commits hold the series and nothing else
+        stamped = p["FULL_VERSION"].replace(".", r"\.")  # a BRE: `+` is literal
+        git(TREE, "config", "filter.peftstamp.clean", f"sed -e 's/{stamped}/{p['PEFT_VERSION']}/'")
+        (TREE / ".git" / "info" / "attributes").write_text("".join(f"/{f} filter=peftstamp\n" for f in STAMPED))
+    git_am(TREE, patches)
+    git(TREE, "update-ref", BUILT_REF, "HEAD")
+    link_our_files()
+    log(f"build/peft is peft {p['FULL_VERSION']}: {len(patches)} topics, {len(our_files())} new files")
 
 
 def cmd_patches(_args=None):
     if not (TREE / ".git").exists():
         raise BuildError("build/peft does not exist yet: run `make tree` first")
-    for rel in stray_files():
-        # a file created inside build/peft becomes one of ours: move it here and link it back
-        (ROOT / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(TREE / rel, ROOT / rel)
-        (TREE / rel).symlink_to(os.path.relpath(ROOT / rel, (TREE / rel).parent))
-        log(f"adopted new file {rel}")
-    diffs = tree_diffs()
-    existing = patch_files()
-    for rel, body in diffs.items():
-        target = PATCHES / f"{rel}.patch"
-        header = patch_body(target)[0] if target.exists() else PATCH_HEADER_TEMPLATE.format(path=rel)
-        if not target.exists() or patch_body(target)[1] != body:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(header + body)
-            log(f"wrote {target.relative_to(ROOT)}")
-    for rel, patch in existing.items():
-        if rel not in diffs:
-            patch.unlink()
-            log(f"removed {patch.relative_to(ROOT)} (build/peft/{rel} is pristine again)")
-    for d in sorted(PATCHES.rglob("*"), reverse=True):
-        if d.is_dir() and not any(d.iterdir()):
-            d.rmdir()
+    if tree_dirty():
+        raise BuildError(
+            "build/peft has uncommitted edits; commit them to their topic first, e.g.\n  cd build/peft && git commit "
+            f"-a --fixup=<topic commit> && git rebase -q -i --autosquash {pin()['TAG']}\n"
+            "(`git log --oneline` lists the topics)"
+        )
+    new = tree_series()
+    PATCHES.mkdir(exist_ok=True)
+    for old in series():
+        old.unlink()
+    for name, text in new.items():
+        (PATCHES / name).write_text(text)
+    (PATCHES / "series").write_text("".join(f"{name}\n" for name in new))
+    git(TREE, "update-ref", BUILT_REF, "HEAD")
+    log(f"wrote {len(new)} topic patches to patches/ (order: patches/series)")
 
 
 def cmd_check(_args=None):
     problems = []
-    upstream = upstream_files()
-    check_shadowing(upstream)
+    p = pin()
     with tempfile.TemporaryDirectory() as tmp:
-        reference_tree(Path(tmp) / "peft")  # fails on any patch that does not apply
-    for rel, patch in patch_files().items():
-        header, body = patch_body(patch)
-        if "Description:" not in header or "TODO" in header:
+        check_shadowing(extract(Path(tmp) / "peft"))
+        apply_series(Path(tmp) / "peft")  # fails on any patch that does not apply to the verified sdist
+    ours, claimed = our_files(), {}
+    for patch in series() + series(PR_ONLY):
+        header = patch.read_text().split("\n---\n", 1)[0]
+        fields = message_fields(header)
+        body = header.split("\n\n", 1)[1] if "\n\n" in header else ""
+        if not strip_fields(body).strip():
             problems.append(f"{patch.relative_to(ROOT)}: its header must say what the change does and why")
-        if not body:
-            problems.append(f"{patch.relative_to(ROOT)}: holds no diff")
+        if not re.match(r"(no|not-needed|yes|https?://\S+)\b", fields.get("Forwarded", "")):
+            problems.append(f"{patch.relative_to(ROOT)}: needs `Forwarded: no | not-needed | <url>`")
+        for glob in fields.get("Files", "").split():
+            matched = topic_files(glob, ours)
+            if not matched:
+                problems.append(f"{patch.relative_to(ROOT)}: `Files: {glob}` matches none of our files")
+            for f in matched:
+                claimed.setdefault(f, []).append(patch.name)
+    for f in ours:
+        if len(claimed.get(f, [])) != 1:
+            where = ", ".join(claimed.get(f, [])) or "no topic"
+            problems.append(f"{f} must belong to exactly one topic's `Files:` (it is in {where})")
     if (TREE / ".git").exists():
-        diffs, series = tree_diffs(), patch_files()
-        for rel in sorted(set(diffs) | set(series)):
-            if rel not in series:
-                problems.append(f"build/peft/{rel} is edited but has no patch: run `make patches`")
-            elif rel not in diffs or patch_body(series[rel])[1] != diffs[rel]:
-                problems.append(f"{series[rel].relative_to(ROOT)} is out of sync with build/peft: `make patches`")
-        for rel in stray_files():
-            problems.append(f"build/peft/{rel} is a new file outside this repository: `make patches` adopts it")
+        if tree_dirty():
+            problems.append("build/peft has uncommitted edits: commit them to their topic, then `make patches`")
+        elif list(tree_series().values()) != [q.read_text() for q in series()]:
+            problems.append("patches/ is out of sync with build/peft's commits: `make patches` (or `make tree`)")
+        stray = git(TREE, "ls-files", "--others", "--exclude-standard", "--", *UPSTREAM_TREES).stdout.split()
+        for rel in stray:
+            problems.append(f"build/peft/{rel} is a new file there: create it in this repository at {rel} instead")
     if problems:
         raise BuildError("check failed:\n  " + "\n  ".join(problems))
-    log(f"check passed: {len(patch_files())} patches apply to peft {pin()['PEFT_VERSION']}, no shadowed files")
-
-
-def cmd_release(args):
-    reference_tree(Path(args.dest))
-    log(f"wrote the patched source tree to {args.dest}")
-
-
-def cmd_pristine(args):
-    extract(Path(args.dest))
-    log(f"extracted the pristine peft {pin()['PEFT_VERSION']} sdist to {args.dest}")
+    log(f"check passed: {len(series())} topic patches apply to peft {p['PEFT_VERSION']}, every new file has a topic")
 
 
 # --- the upstream pull request -----------------------------------------------------------------------------------
 
 
 def cmd_pr(args):
+    """Replay the series on a pristine repository, adding each topic's new files to its commit, then format-patch."""
     p = pin()
-    series = tomllib.loads((ROOT / "tooling" / "pr-series.toml").read_text())
-    out = ROOT / "dist" / "pr"
-    work = BUILD / "pr-repo"
-    if out.exists():
-        shutil.rmtree(out)
+    out, work = ROOT / "dist" / "pr", BUILD / "pr-repo"
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     extract(work)
-    git = lambda *a, **kw: run(["git", *a], cwd=work, **kw)  # noqa: E731
-    git("init", "-q")
-    git("config", "user.name", series["author"]["name"])
-    git("config", "user.email", series["author"]["email"])
-    git("add", "-A")
-    git("commit", "-q", "-m", f"peft {p['PEFT_VERSION']}")
-    base = git("rev-parse", "HEAD").stdout.strip()
-
-    changed = dict.fromkeys(patch_files(), "patch") | dict.fromkeys(our_files(), "new")
-    # files at upstream paths that serve this repository only (e.g. the demo's smoke test) stay out of the PR
-    excluded = series.get("exclude", [])
-    changed = {rel: c for rel, c in changed.items() if not any(fnmatch.fnmatch(rel, g) for g in excluded)}
-    assigned = {}
-    for i, commit in enumerate(series["commit"]):
-        for rel in changed:
-            if rel not in assigned and any(fnmatch.fnmatch(rel, g) for g in commit["paths"]):
-                assigned[rel] = i
-    unassigned = sorted(set(changed) - set(assigned))
-    if unassigned:
-        raise BuildError(
-            "tooling/pr-series.toml assigns these changed files to no commit:\n  " + "\n  ".join(unassigned)
-        )
-    for i, commit in enumerate(series["commit"]):
-        files = sorted(rel for rel, c in assigned.items() if c == i)
-        if not files:
-            continue
-        for rel in files:
-            if changed[rel] == "patch":
-                res = git_apply(work, PATCHES / f"{rel}.patch")
-                if res.returncode != 0:
-                    raise BuildError(f"patches/{rel}.patch does not apply for the PR:\n{res.stderr}")
-            else:
-                (work / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / rel, work / rel)
-        git("add", "-A")
-        git("commit", "-q", "-m", commit["subject"] + "\n\n" + commit["body"].strip() + "\n")
-    res = git("format-patch", "-o", str(out), f"{base}..HEAD")
-    (out / "PR_DESCRIPTION.md").write_text((ROOT / "tooling" / "pr-description.md").read_text())
-    written = res.stdout.split()
-    log(f"wrote {len(written)} patches against peft {p['PEFT_VERSION']} to dist/pr/")
+    init_repo(work, p["PEFT_VERSION"])
+    ours = our_files()
+    for patch in series():
+        git_am(work, [patch])
+        message = git(work, "log", "-1", "--format=%B").stdout
+        for rel in topic_files(message_fields(message).get("Files", ""), ours):
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, work / rel)
+        git(work, "add", "-A")
+        git(work, "commit", "-q", "--amend", "--no-verify", "-m", strip_fields(message))
+    git(work, *FORMAT_PATCH, "-o", str(out), f"{p['TAG']}..HEAD")
+    shutil.copy2(ROOT / "tooling" / "pr-description.md", out / "PR_DESCRIPTION.md")
+    written = sorted(out.glob("*.patch"))
+    log(f"wrote {len(written)} commits against peft {p['PEFT_VERSION']} to dist/pr/ (and PR_DESCRIPTION.md)")
 
     repo = os.environ.get("PEFT_REPO")
-    if repo:
-        repo = Path(repo).resolve()
-        if not (repo / ".git").exists():
-            raise BuildError(f"PEFT_REPO={repo} is not a git checkout")
-        branch = args.branch
-        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo).stdout
-        if dirty:
-            raise BuildError(f"PEFT_REPO={repo} has uncommitted changes; commit or stash them first")
-        if run(["git", "rev-parse", "--verify", "-q", f"refs/heads/{branch}"], cwd=repo, check=False).returncode == 0:
-            raise BuildError(f"PEFT_REPO={repo} already has a branch {branch}; pass PR_BRANCH=<another name>")
-        run(["git", "checkout", "-q", "-b", branch], cwd=repo)
-        res = run(["git", "am", "-3", *written], cwd=repo, check=False)
-        if res.returncode != 0:
-            conflicts = run(["git", "diff", "--name-only", "--diff-filter=U"], cwd=repo, check=False).stdout
-            current = run(["git", "am", "--show-current-patch=diff"], cwd=repo, check=False).stdout[:300]
-            raise BuildError(
-                f"the series does not apply to {repo} (branch {branch}); `git am` stopped with:\n{res.stdout}"
-                f"{res.stderr}\nconflicted files:\n{conflicts or '  (none listed)'}\nstart of the failing patch:\n"
-                f"{current}\nResolve and `git am --continue` there, or `git am --abort`."
-            )
-        log(f"applied the series to {repo} on branch {branch}")
+    if not repo:
+        return
+    repo = Path(repo).resolve()
+    if not (repo / ".git").exists():
+        raise BuildError(f"PEFT_REPO={repo} is not a git checkout")
+    if git(repo, "status", "--porcelain", "--untracked-files=no").stdout:
+        raise BuildError(f"PEFT_REPO={repo} has uncommitted changes; commit or stash them first")
+    if git(repo, "rev-parse", "--verify", "-q", f"refs/heads/{args.branch}", check=False).returncode == 0:
+        raise BuildError(f"PEFT_REPO={repo} already has a branch {args.branch}; pass PR_BRANCH=<another name>")
+    git(repo, "checkout", "-q", "-b", args.branch)
+    # the pr-only patches change upstream files that the sdist lacks (the docs toctree, the MetaMathQA runner)
+    res = git(repo, "am", "-3", *map(str, written + series(PR_ONLY)), check=False)
+    if res.returncode != 0:
+        conflicts = git(repo, "diff", "--name-only", "--diff-filter=U", check=False).stdout
+        raise BuildError(
+            f"the series does not apply to {repo} (branch {args.branch}); `git am` stopped with:\n{res.stdout}"
+            f"{res.stderr}\nconflicted files:\n{conflicts or '  (none listed)'}\nResolve and `git am --continue` "
+            "there, or `git am --abort`."
+        )
+    log(f"applied the series to {repo} on branch {args.branch}")
 
 
 def main():
@@ -475,12 +437,10 @@ def main():
     sub.add_parser("patches").set_defaults(fn=cmd_patches)
     sub.add_parser("check").set_defaults(fn=cmd_check)
     sub.add_parser("version").set_defaults(fn=lambda a: print(pin()["FULL_VERSION"]))
-    rel = sub.add_parser("release")
-    rel.add_argument("dest")
-    rel.set_defaults(fn=cmd_release)
-    pri = sub.add_parser("pristine")
-    pri.add_argument("dest")
-    pri.set_defaults(fn=cmd_pristine)
+    for name, fn in (("release", reference_tree), ("pristine", extract)):
+        p = sub.add_parser(name)
+        p.add_argument("dest")
+        p.set_defaults(fn=lambda a, fn=fn: (fn(Path(a.dest)), log(f"wrote {a.dest}")))
     pr = sub.add_parser("pr")
     pr.add_argument("--branch", default="disel-lora-variant")
     pr.set_defaults(fn=cmd_pr)

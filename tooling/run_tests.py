@@ -32,8 +32,10 @@ UPSTREAM_FILES = [
 
 
 def our_test_files():
-    """Test files that are ours (new files at upstream paths); they only exist in the patched tree."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py"))
+    """Our test files: new files at upstream paths (they only exist in the patched tree), and the demo's smoke test."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")) + [
+        str(ROOT / "demo/test_demo.py")
+    ]
 
 
 def pytest(tree, files, junit, extra, pythonpath, known=True):

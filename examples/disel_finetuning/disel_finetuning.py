@@ -77,14 +77,16 @@ def main():
         target_modules=target_modules,
         task_type="CAUSAL_LM",
         use_disel=True,
-        disel_config=DiselConfig(gate_bias_init=args.gate_bias_init, gate_lr_ratio=args.gate_lr_ratio),
+        disel_config=DiselConfig(gate_bias_init=args.gate_bias_init),
     )
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
 
-    # lora_A/lora_B at the learning rate, the gates at learning_rate * gate_lr_ratio (from the config) without weight
-    # decay: the gate learning rate is the main knob of the adaptation-versus-retention trade-off
-    optimizer = create_disel_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=args.learning_rate)
+    # lora_A/lora_B at the learning rate, the gates at learning_rate * gate_lr_ratio without weight decay: the gate
+    # learning rate is the main knob of the adaptation-versus-retention trade-off
+    optimizer = create_disel_optimizer(
+        model, optimizer_cls=torch.optim.AdamW, lr=args.learning_rate, gate_lr_ratio=args.gate_lr_ratio
+    )
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,

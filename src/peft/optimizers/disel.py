@@ -18,14 +18,12 @@ This module contains the optimizer helper of DISeL, which trains the gates with 
 
 import re
 import warnings
-from typing import Optional
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 from transformers.trainer_pt_utils import get_parameter_names
-
-from ..tuners.lora.disel import DiselConfig
 
 
 # the name patterns that transformers' Trainer excludes from weight decay (biases and norm weights)
@@ -35,21 +33,9 @@ _NO_DECAY_PATTERNS = [
 _GATE_CONTAINER = "lora_disel_gate"
 
 
-def _gate_adapter_name(param_name: str) -> Optional[str]:
-    """The adapter name of a DISeL gate parameter (`...lora_disel_gate.<adapter>.weight`), `None` for other params."""
-    parts = param_name.split(".")
-    if _GATE_CONTAINER in parts[:-2]:
-        return parts[parts.index(_GATE_CONTAINER) + 1]
-    return None
-
-
-def _find_peft_config(model: nn.Module) -> dict:
-    """The `peft_config` dict of a PeftModel, a LoraModel or the base model they inject into (`{}` if none)."""
-    for module in model.modules():
-        peft_config = getattr(module, "peft_config", None)
-        if isinstance(peft_config, dict):
-            return peft_config
-    return {}
+def _is_gate_parameter(param_name: str) -> bool:
+    """Whether `param_name` is a DISeL gate parameter (`...lora_disel_gate.<adapter>.<name>`)."""
+    return _GATE_CONTAINER in param_name.split(".")[:-2]
 
 
 def create_disel_optimizer(
@@ -57,13 +43,13 @@ def create_disel_optimizer(
     optimizer_cls: type[Optimizer],
     *,
     lr: float,
-    gate_lr_ratio: Optional[float] = None,
+    gate_lr_ratio: float = 5.0,
     weight_decay: float = 0.0,
     **kwargs,
 ) -> Optimizer:
     """
     Creates an optimizer for a model with DISeL adapters (`LoraConfig(use_disel=True)`), with the gates in their own
-    parameter group(s).
+    parameter group.
 
     DISeL: Dynamic Input-Sensitive LoRA, https://huggingface.co/papers/2605.19028
 
@@ -95,10 +81,10 @@ def create_disel_optimizer(
             The optimizer class to be used, e.g. `torch.optim.AdamW`.
         lr (`float`):
             The learning rate of the non-gate parameters.
-        gate_lr_ratio (`float`, *optional*):
-            The learning rate of the gates relative to `lr`. If `None` (default), each adapter uses the
-            `gate_lr_ratio` of its `DiselConfig` (5.0 unless set otherwise), so that adapters with different ratios get
-            one gate parameter group each. If given, it applies to the gates of all adapters.
+        gate_lr_ratio (`float`, *optional*, defaults to `5.0`):
+            The learning rate of the gates relative to `lr`, for the gates of all DISeL adapters. The paper's default is
+            5; lower values keep the gates closed longer (more retention), higher ones let them open faster (more
+            adaptation).
         weight_decay (`float`, *optional*, defaults to `0.0`):
             The weight decay of the non-gate parameters other than biases and norm weights. The gates never get weight
             decay.
@@ -109,40 +95,27 @@ def create_disel_optimizer(
         `torch.optim.Optimizer`: An instance of `optimizer_cls` with the parameters grouped as described above (empty
         groups are left out).
     """
-    if gate_lr_ratio is not None and not gate_lr_ratio > 0:
+    if isinstance(gate_lr_ratio, bool) or not isinstance(gate_lr_ratio, (int, float)) or not gate_lr_ratio > 0:
         raise ValueError(f"`gate_lr_ratio` must be a positive number, got {gate_lr_ratio!r}.")
-
-    peft_config = _find_peft_config(model)
-    missing_config = set()
-
-    def adapter_ratio(adapter_name: str) -> float:
-        if gate_lr_ratio is not None:
-            return gate_lr_ratio
-        config = peft_config.get(adapter_name)
-        if config is None:
-            missing_config.add(adapter_name)
-        disel_config = getattr(config, "disel_config", None) or DiselConfig()
-        return disel_config.gate_lr_ratio
 
     decay_names = get_parameter_names(model, ALL_LAYERNORM_LAYERS)
     decay_names = {name for name in decay_names if not any(p.search(name.lower()) for p in _NO_DECAY_PATTERNS)}
 
-    decay, no_decay = [], []
-    gate_groups: dict[float, list[nn.Parameter]] = {}  # gate learning-rate ratio -> parameters, in model order
+    decay, no_decay, gates = [], [], []
     has_frozen_gates = False
     for name, param in model.named_parameters():
-        adapter_name = _gate_adapter_name(name)
+        is_gate = _is_gate_parameter(name)
         if not param.requires_grad:
-            has_frozen_gates = has_frozen_gates or adapter_name is not None
+            has_frozen_gates = has_frozen_gates or is_gate
             continue
-        if adapter_name is not None:
-            gate_groups.setdefault(adapter_ratio(adapter_name), []).append(param)
+        if is_gate:
+            gates.append(param)
         elif name in decay_names:
             decay.append(param)
         else:
             no_decay.append(param)
 
-    if not gate_groups:
+    if not gates:
         if has_frozen_gates:
             raise ValueError(
                 "`create_disel_optimizer` found DISeL gates, but none of them is trainable: set `requires_grad=True` "
@@ -153,18 +126,18 @@ def create_disel_optimizer(
             "`LoraConfig(use_disel=True)`. For other LoRA adapters, use a regular optimizer (or "
             "`peft.optimizers.create_loraplus_optimizer`)."
         )
-    if missing_config:
+    half = sorted({str(p.dtype) for p in gates if p.dtype in (torch.float16, torch.bfloat16)})
+    if half:
         warnings.warn(
-            f"No config found for the DISeL adapter(s) {sorted(missing_config)}: their gates use the default "
-            f"`gate_lr_ratio={DiselConfig().gate_lr_ratio}`. Pass `gate_lr_ratio` to choose it."
+            f"DISeL gates are trained in {', '.join(half)}. Half precision is coarse near the initial gate bias (bfloat16 "
+            "values near -3 are 0.0156 apart), so small updates round away and the gates barely train. Keep the adapter "
+            "weights in float32 (`autocast_adapter_dtype=True`, the default of `get_peft_model`)."
         )
 
     param_groups = [
         {"params": decay, "weight_decay": weight_decay, "lr": lr},
         {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-    ]
-    param_groups += [
-        {"params": params, "weight_decay": 0.0, "lr": lr * ratio} for ratio, params in gate_groups.items()
+        {"params": gates, "weight_decay": 0.0, "lr": lr * gate_lr_ratio},
     ]
     param_groups = [group for group in param_groups if group["params"]]
 

@@ -17,159 +17,22 @@ DISeL multiplies each rank-one component of a LoRA update by an input-dependent 
 
     delta(x) = scaling * B(g(x) * A(dropout(x))),   g(x) = sigmoid(W_g x + b_g)
 
-The gate reads the layer input `x`, one independent gate per rank. This module holds the sub-config, the gate module and
-the math; `variants.py` holds the thin `LoraVariant` classes that plug it into the LoRA layers.
+The gate reads the layer input `x`, one independent gate per rank. This module holds the gate module and the math; the
+options are `DiselConfig` in `config.py`, and `variants.py` holds the thin `LoraVariant` classes that plug the math into
+the LoRA layers.
 """
 
 import math
-import warnings
-from dataclasses import dataclass, field
-from typing import Literal, Optional
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-
-@dataclass
-class DiselConfig:
-    """
-    Sub-configuration of DISeL (Dynamic Input-Sensitive LoRA, [arXiv:2605.19028](https://huggingface.co/papers/2605.19028)).
-
-    Pass it as `LoraConfig(use_disel=True, disel_config=DiselConfig(...))`; with `use_disel=True` alone, these defaults
-    are used. DISeL gates each rank-one component of the LoRA update with `sigmoid(W_g x + b_g)`, so the adapter only
-    changes the inputs for which opening a gate lowered the fine-tuning loss.
-
-    Args:
-        gate_bias_init (`float`):
-            Initial value of the gate bias `b_g`. The default `-3.0` opens each gate to `sigmoid(-3) ≈ 0.05` at the
-            start. More negative values (`-5`, `-7`) start more conservatively and favour retention of the pre-trained
-            behaviour, which helps on small datasets.
-        gate_weight_init (`Literal["random", "zero"]`):
-            Initialization of the gate weight `W_g`: `"random"` uses `nn.Linear`'s default initialization, `"zero"`
-            starts every gate at exactly `sigmoid(gate_bias_init)` for all inputs (an ablation). With a bottleneck gate,
-            `"zero"` zeroes the up-projection only, so that the gate still receives a gradient.
-        gate_normalize (`bool`):
-            If `True`, scale the input term of the gate logits by `1/sqrt(d_in)`: `W_g x / sqrt(d_in) + b_g`. The bias
-            is not scaled, so the gates still start at `sigmoid(gate_bias_init)`.
-        gate_bottleneck_dim (`Optional[int]`):
-            If set, use a low-rank gate `W_g = U V` with `V` of shape `(gate_bottleneck_dim, d_in)` and `U` of shape `(r,
-            gate_bottleneck_dim)`, which adds `gate_bottleneck_dim * (d_in + r) + r` parameters per layer instead of `r
-            * (d_in + 1)`. `None` (default) uses a full gate.
-        gate_lr_ratio (`float`):
-            Learning rate of the gate parameters relative to the other adapter parameters, used by
-            [`~peft.optimizers.create_disel_optimizer`]. The paper trains the gates at 5x the LoRA learning rate; the gate
-            learning rate is the main knob of the adaptation-versus-retention trade-off.
-    """
-
-    gate_bias_init: float = field(
-        default=-3.0, metadata={"help": "Initial gate bias; sigmoid(-3) ≈ 0.05 keeps the gates nearly closed."}
-    )
-    gate_weight_init: Literal["random", "zero"] = field(
-        default="random", metadata={"help": "Gate weight init: 'random' (nn.Linear default) or 'zero'."}
-    )
-    gate_normalize: bool = field(
-        default=False, metadata={"help": "Scale the input term of the gate logits by 1/sqrt(d_in)."}
-    )
-    gate_bottleneck_dim: Optional[int] = field(
-        default=None, metadata={"help": "Rank of a low-rank gate W_g = U V; None for a full gate."}
-    )
-    gate_lr_ratio: float = field(
-        default=5.0, metadata={"help": "Gate learning rate relative to the LoRA learning rate (paper: 5)."}
-    )
-
-    def __post_init__(self):
-        if isinstance(self.gate_bias_init, bool) or not isinstance(self.gate_bias_init, (int, float)):
-            raise TypeError(f"`gate_bias_init` must be a number, got {self.gate_bias_init!r}.")
-        if not math.isfinite(self.gate_bias_init):
-            raise ValueError(f"`gate_bias_init` must be finite, got {self.gate_bias_init}.")
-        if self.gate_weight_init not in ("random", "zero"):
-            raise ValueError(f"`gate_weight_init` must be 'random' or 'zero', got {self.gate_weight_init!r}.")
-        if not isinstance(self.gate_normalize, bool):
-            raise TypeError(f"`gate_normalize` must be a bool, got {self.gate_normalize!r}.")
-        if self.gate_bottleneck_dim is not None and (
-            isinstance(self.gate_bottleneck_dim, bool)
-            or not isinstance(self.gate_bottleneck_dim, int)
-            or self.gate_bottleneck_dim <= 0
-        ):
-            raise ValueError(
-                f"`gate_bottleneck_dim` must be a positive integer or None, got {self.gate_bottleneck_dim!r}."
-            )
-        if (
-            isinstance(self.gate_lr_ratio, bool)
-            or not (isinstance(self.gate_lr_ratio, (int, float)) and math.isfinite(self.gate_lr_ratio))
-            or self.gate_lr_ratio <= 0
-        ):
-            raise ValueError(f"`gate_lr_ratio` must be a positive number, got {self.gate_lr_ratio!r}.")
-
-
-# init_lora_weights values that rewrite the base weight or give B a non-zero start: with them the model no longer starts
-# at the pre-trained mapping, which is the point of DISeL's closed gates.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica", "orthogonal")
-
-
-def check_disel_lora_config(config) -> None:
-    """Validate the DISeL-related fields of a `LoraConfig`, called from its `__post_init__`."""
-    if not config.use_disel:
-        if config.disel_config is not None:
-            raise ValueError("`disel_config` was given but `use_disel` is False: pass `use_disel=True` to use DISeL.")
-        return
-
-    others = [
-        name
-        for name, active in (
-            ("use_dora", config.use_dora),
-            ("alora_invocation_tokens", config.alora_invocation_tokens),
-            ("kasa_config", config.kasa_config),
-            ("velora_config", config.velora_config),
-            ("monteclora_config", config.monteclora_config),
-            ("arrow_config", config.arrow_config),
-            ("use_bdlora", config.use_bdlora),
-            ("use_qalora", getattr(config, "use_qalora", False)),
-        )
-        if active
-    ]
-    if others:
-        raise ValueError(f"DISeL cannot be combined with other LoRA variants, got `use_disel=True` and {others}.")
-    if config.lora_bias:
-        raise ValueError(
-            "DISeL does not support `lora_bias=True`: an ungated bias would change the output for every input. "
-            "Pass `lora_bias=False`."
-        )
-    if config.megatron_config:
-        raise ValueError("DISeL does not support `megatron_config`: Megatron's LoRA layers do not run LoRA variants.")
-    if config.target_parameters:
-        raise ValueError(
-            "DISeL does not support `target_parameters`: parameter targets are merged on the fly, which an "
-            "input-dependent gate cannot be. Use `target_modules` instead."
-        )
-    init = config.init_lora_weights
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise ValueError(
-            f"DISeL does not support `init_lora_weights={init!r}`: it rewrites the base weight (or starts B away from "
-            "zero), so the model would no longer start at the pre-trained mapping. Use `init_lora_weights=True` or "
-            "'gaussian'."
-        )
-
-
-def check_disel_supported(layer, config) -> None:
-    """Refuse DISeL on a LoRA layer type that would silently fall back to plain LoRA, before the layer is changed.
-
-    Only the layer classes of `peft.tuners.lora.layer` that register DISeL in their `lora_variants` run it. Quantized and
-    other special layers (bitsandbytes, GPTQ, HQQ, AWQ, EETQ, AQLM, torchao, INC, Transformer Engine, Megatron,
-    MultiheadAttention, ParamWrapper) either ignore unknown variants or were not tested with DISeL.
-    """
-    if not getattr(config, "use_disel", False):
-        return
-    declared = any("use_disel" in keys for keys in layer.lora_variants)
-    if declared and type(layer).__module__ == "peft.tuners.lora.layer":
-        return
-    base = layer.get_base_layer()
-    raise ValueError(
-        f"DISeL is not supported on {type(base).__name__} layers (LoRA layer type {type(layer).__name__}); only "
-        "nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv1d/2d/3d are. Remove these modules from "
-        "`target_modules`, or add a plain LoRA adapter (`use_disel=False`) for them."
-    )
+from .config import DiselConfig
 
 
 class DiselGate(nn.Module):
@@ -192,6 +55,7 @@ class DiselGate(nn.Module):
         self.weight_up = nn.Parameter(torch.empty(r, bottleneck, **kw)) if bottleneck else None
         self.bias = nn.Parameter(torch.full((r,), float(bias_init), **kw))
         self.norm = norm
+        self._logits_hooks: dict[int, Callable] = OrderedDict()
         if isinstance(layer, nn.Linear):
             self.kind = "linear"
         elif isinstance(layer, nn.modules.conv._ConvNd):
@@ -227,6 +91,18 @@ class DiselGate(nn.Module):
         """The gate logits for input `x`."""
         return self.finish(self.project(x))
 
+    def register_logits_hook(self, hook: Callable[["DiselGate", torch.Tensor], None]) -> RemovableHandle:
+        """Call `hook(gate, logits)` with the gate logits of every forward of the adapter, whichever path computes them
+        (the gate diagnostics record the openings this way). The logits are `(..., r)` for linear and embedding layers
+        and `(batch, r, *spatial)` for convolutions."""
+        handle = RemovableHandle(self._logits_hooks)
+        self._logits_hooks[handle.id] = hook
+        return handle
+
+    def _run_logits_hooks(self, logits: torch.Tensor) -> None:
+        for hook in self._logits_hooks.values():
+            hook(self, logits)
+
 
 def create_disel_gate(module, adapter_name: str, config) -> None:
     """Create the gate of `adapter_name` in the LoRA layer `module`, on `lora_A`'s device and dtype."""
@@ -237,8 +113,9 @@ def create_disel_gate(module, adapter_name: str, config) -> None:
     else:
         layer = None
         weight = module.lora_embedding_A[adapter_name]
+    # an embedding's gate input is one-hot: its logit is one table entry, which needs no 1/sqrt(d_in) normalization
     d_in = weight[0].numel()
-    norm = 1.0 / math.sqrt(d_in) if disel_config.gate_normalize else 1.0
+    norm = 1.0 / math.sqrt(d_in) if disel_config.gate_normalize and layer is not None else 1.0
     gate = DiselGate(
         weight,
         r=module.r[adapter_name],
@@ -342,7 +219,10 @@ def _disel_linear_delta_plain(module, adapter_name: str, x: torch.Tensor, lora_A
     lora_B = module.lora_B[adapter_name]
     dropout = module.lora_dropout[adapter_name]
     a = lora_A(dropout(x)) * module.scaling[adapter_name]
-    return lora_B(a * torch.sigmoid(gate(x)))
+    logits = gate(x)
+    if gate._logits_hooks:
+        gate._run_logits_hooks(logits)
+    return lora_B(a * torch.sigmoid(logits))
 
 
 def _disel_linear_delta_fused(module, adapter_name: str, x: torch.Tensor, lora_A, gate) -> torch.Tensor:
@@ -367,11 +247,16 @@ def _disel_linear_delta_fused(module, adapter_name: str, x: torch.Tensor, lora_A
         h = projection(x, lora_A.weight, gate.weight, bias, norm)
         dim = -1
     if full_gate:
+        if gate._logits_hooks:
+            gate._run_logits_hooks(h.narrow(dim, r, n_gate))
         # a * sigmoid(logits) in one kernel (and one in backward); it saves h, which autograd frees after backward
         out = F.glu(h, dim)
     else:
         a, v = h.split([r, n_gate], dim)
-        out = a * torch.sigmoid(gate.finish(v))
+        logits = gate.finish(v)
+        if gate._logits_hooks:
+            gate._run_logits_hooks(logits)
+        out = a * torch.sigmoid(logits)
     # the scaling on the r-wide product rather than on the d_out-wide output of B
     return lora_B(out * module.scaling[adapter_name])
 
@@ -390,14 +275,22 @@ def disel_linear_delta(module, adapter_name: str, x: torch.Tensor) -> torch.Tens
 
 
 def disel_embedding_delta(module, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-    """`scaling * B(g(ids) * A[ids])` for an Embedding layer, including the layer's embedding scale if it has one."""
+    """`scaling * B(g(ids) * A[ids])` for an Embedding layer, including the layer's embedding scale if it has one.
+
+    The gate reads the same token ids as `A` (after the adapter's `input_fn`, if any) with the layer's `padding_idx`, so
+    the padding token's gate logits get no gradient, as its embedding row does not.
+    """
     embedding_A = module.lora_embedding_A[adapter_name].T
     embedding_B = module.lora_embedding_B[adapter_name].T
     input_fn = module.input_fns.get(adapter_name, None)
     output_fn = module.output_fns.get(adapter_name, None)
     after_A = module._embed(x, embedding_A, input_fn=input_fn, output_fn=output_fn)
     gate = module.lora_disel_gate[adapter_name]
-    logits = gate(x)
+    ids = input_fn((x,)) if input_fn is not None else x
+    h = F.embedding(ids, gate.weight.T, padding_idx=module.get_base_layer().padding_idx)
+    logits = gate.finish(h)
+    if gate._logits_hooks:
+        gate._run_logits_hooks(logits)
     # the scaling on the r-wide product, not on the d_out-wide delta
     delta = ((after_A * module.scaling[adapter_name]) * torch.sigmoid(logits)) @ embedding_B
     embed_scale = module._get_embed_scale()
@@ -411,18 +304,3 @@ MERGE_ERROR = (
     "sigmoid(W_g x + b_g), so there is no fixed weight delta to fold into the base weight. Nothing was merged. Keep "
     "the adapter unmerged for inference, or use `unload()` to remove it."
 )
-
-
-def warn_missing_disel_gates(missing_keys, adapter_name: str) -> None:
-    """Warn loudly when a checkpoint lacks DISeL gate weights: they would silently stay at their fresh init."""
-    missing = [k for k in missing_keys if f".lora_disel_gate.{adapter_name}." in k]
-    if missing:
-        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        warnings.warn(
-            f"The checkpoint for DISeL adapter '{adapter_name}' has no weights for {len(missing)} gate parameter(s), "
-            f"which keep their fresh initialization instead of trained values (or, with `low_cpu_mem_usage=True`, "
-            f"stay on the meta device): {shown}. The checkpoint was probably saved without its gates (e.g. by a "
-            "separate DISeL package that stores them in another file); the adapter will not behave as trained.",
-            UserWarning,
-            stacklevel=3,
-        )

@@ -218,12 +218,12 @@ class DiselGateRecorder:
     """
     Records the gate openings `g(x) = sigmoid(W_g x + b_g)` of a DISeL adapter while the model runs.
 
-    Use it as a context manager. While recording, a forward hook on every LoRA layer with a gate of the adapter
-    recomputes `g(x)` under `torch.no_grad()` from the layer input, cast as the layer's forward casts it, and adds it to
-    running statistics per layer and per rank (count, mean, fraction above `threshold`, histogram on `[0, 1]`). The
-    model outputs are unchanged (the hooks return nothing), and on exit, also on an exception, all hooks are removed,
-    so the model costs nothing when not recording. Each recorded forward costs one extra gate projection per layer
-    (about the cost of `lora_A`) plus a few reductions; the statistics stay on the device until [`stats`] is called.
+    Use it as a context manager. While recording, a logits hook on every gate of the adapter (see
+    `DiselGate.register_logits_hook`) receives the gate logits that the adapter's forward computed, and the recorder
+    adds `sigmoid(logits)` to running statistics per layer and per rank (count, mean, fraction above `threshold`,
+    histogram on `[0, 1]`). The model outputs are unchanged (the hooks return nothing), and on exit, also on an
+    exception, all hooks are removed, so the model costs nothing when not recording. Each recorded forward costs a few
+    element-wise ops and reductions per layer; the statistics stay on the device until [`stats`] is called.
 
     Only the tokens that the adapter's gate actually sees are recorded: nothing while the adapters are disabled, and
     with mixed-batch inference (`adapter_names=[...]`) only the rows assigned to the adapter. All positions of the
@@ -281,6 +281,7 @@ class DiselGateRecorder:
         self._split = split
         self._mask = None
         self._handles = []
+        self._rows: dict[str, Optional[list[int]]] = {}
         self._data: dict[str, OrderedDict] = OrderedDict()
 
         root = model
@@ -323,8 +324,11 @@ class DiselGateRecorder:
         """Attach the hooks (idempotent). Prefer the context manager, which also removes them on an exception."""
         if not self._handles:
             for name, module in self.layers.items():
-                hook = self._make_hook(name)
-                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                # the layer's forward pre-hook notes which rows a mixed batch gives the adapter, and the gate's logits
+                # hook records what the adapter's forward computed
+                self._handles.append(module.register_forward_pre_hook(self._make_rows_hook(name), with_kwargs=True))
+                gate = module.lora_disel_gate[self.adapter_name]
+                self._handles.append(gate.register_logits_hook(self._make_logits_hook(name)))
         return self
 
     def stop(self) -> None:
@@ -355,45 +359,30 @@ class DiselGateRecorder:
         """Drop all recorded statistics."""
         self._data = OrderedDict()
 
-    def _make_hook(self, name: str):
-        def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs.get("x")
-            if isinstance(x, torch.Tensor):
-                with torch.no_grad():
-                    self._record(name, module, x, kwargs.get("adapter_names"))
+    def _make_rows_hook(self, name: str):
+        def hook(module, args, kwargs):
+            adapter_names = kwargs.get("adapter_names")
+            if adapter_names is None:
+                self._rows[name] = None
+            else:
+                self._rows[name] = [i for i, a in enumerate(adapter_names) if a == self.adapter_name]
 
         return hook
 
-    def _record(self, name: str, module: LoraLayer, x: torch.Tensor, adapter_names) -> None:
-        adapter = self.adapter_name
-        if module.disable_adapters or module.merged:
-            return
-        is_embedding = adapter in module.lora_embedding_A
-        mask = self._mask
-        if adapter_names is not None:
-            # mixed-batch inference: the adapter sees only its rows, cast with `.to` (see `_mixed_batch_forward`)
-            rows = [i for i, a in enumerate(adapter_names) if a == adapter]
-            if not rows:
-                return
-            x = x[rows]
-            mask = None if mask is None else mask[rows]
-            if not is_embedding:
-                x = x.to(module.lora_A[adapter].weight.dtype)
-        else:
-            if adapter not in module.active_adapters:
-                return
-            if not is_embedding:
-                # LoRA layers re-cast `x` for each active adapter in turn: replay the casts up to this adapter
-                for active in module.active_adapters:
-                    if active in module.lora_A:
-                        x = module._cast_input_dtype(x, module.lora_A[active].weight.dtype)
-                    if active == adapter:
-                        break
+    def _make_logits_hook(self, name: str):
+        def hook(gate, logits):
+            with torch.no_grad():
+                self._record(name, gate, logits.detach())
 
-        gate = module.lora_disel_gate[adapter]
-        gates = torch.sigmoid(gate(x))
+        return hook
+
+    def _record(self, name: str, gate, logits: torch.Tensor) -> None:
+        gates = torch.sigmoid(logits)
         if gate.kind == "conv":
             gates = gates.movedim(1, -1)
+        mask, rows = self._mask, self._rows.get(name)
+        if mask is not None and rows is not None:
+            mask = mask[rows]
         weight = None
         if mask is not None:
             lead = gates.shape[:-1]
@@ -563,10 +552,9 @@ class DiselGateCallback(TrainerCallback):
     `disel/frac_open` (fraction above `threshold`) and, with `per_module_type=True`, `disel/mean_gate/<module type>`,
     then starts over. The values also go into `trainer.state.log_history`.
 
-    Cost: per gated layer and training forward, one extra gate projection (the FLOPs of `lora_A`) and about ten small
-    element-wise ops and reductions, without host sync; hooks are attached and removed once per step, and the values
-    are synced once per gated layer at each logging step only. The small ops dominate on small models (a 4-layer,
-    64-wide Llama on CPU: about +12% step time) and matter less as the layers grow. Evaluation passes are not
+    Cost: per gated layer and training forward, about ten small element-wise ops and reductions, without host sync; hooks are attached and removed once per step, and the values
+    are synced once per gated layer at each logging step only. The small ops weigh most on small models and less
+    as the layers grow. Evaluation passes are not
     recorded. Under distributed training, each process logs the openings of its own batches.
 
     Callbacks see the logs in order, and transformers runs the `report_to` integrations (TensorBoard, W&B, ...)
