@@ -38,6 +38,7 @@ from peft import (
     convert_to_lora,
     get_peft_model,
 )
+from peft.import_utils import is_bnb_available
 from peft.tuners import lora
 from peft.tuners.lora import disel
 from peft.tuners.lora.config import CordaConfig
@@ -1101,3 +1102,133 @@ class TestDiselConfig:
     def test_disel_config_without_use_disel_raises(self):
         with pytest.raises(ValueError, match="use_disel"):
             LoraConfig(target_modules=["lin0"], disel_config=DiselConfig())
+
+
+@pytest.mark.skipif(not is_bnb_available(), reason="needs bitsandbytes")
+# prepare_model_for_kbit_training calls gradient-checkpointing APIs that transformers 5 deprecates (not DISeL's)
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+class TestDiselQuantized:
+    """DISeL on bitsandbytes layers (QLoRA). bitsandbytes runs these on the CPU, with real packed weights."""
+
+    QUANT_CONFIGS = {
+        "4bit-nf4-fp32": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32},
+        "4bit-nf4-double-bf16": {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": torch.bfloat16,
+        },
+        "4bit-fp4-bf16": {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "fp4",
+            "bnb_4bit_compute_dtype": torch.bfloat16,
+        },
+        "4bit-fp4-double-fp32": {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "fp4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": torch.float32,
+        },
+        "8bit": {"load_in_8bit": True},
+    }
+
+    @pytest.fixture(scope="class")
+    def model_dir(self, tmp_path_factory):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=64,
+        )
+        path = tmp_path_factory.mktemp("tiny-llama")
+        LlamaForCausalLM(config).save_pretrained(path)
+        return path
+
+    def load_quantized(self, model_dir, quant):
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(**self.QUANT_CONFIGS[quant])
+        return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu")
+
+    def get_disel_model(self, model_dir, quant, **kwargs):
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(self.load_quantized(model_dir, quant))  # enables gradient checkpointing
+        config = LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], use_disel=True, **kwargs)
+        torch.manual_seed(0)
+        return get_peft_model(base, config)
+
+    @pytest.mark.parametrize("quant", list(QUANT_CONFIGS))
+    def test_train_save_load(self, model_dir, quant, tmp_path):
+        import bitsandbytes as bnb
+
+        from peft.optimizers import create_disel_optimizer
+
+        model = self.get_disel_model(model_dir, quant)
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        bnb_cls = bnb.nn.Linear4bit if quant.startswith("4bit") else bnb.nn.Linear8bitLt
+        assert isinstance(layer.get_base_layer(), bnb_cls)
+        gate = layer.lora_disel_gate["default"]
+        assert gate.weight.dtype == torch.float32
+        assert gate.weight.device == layer.lora_A["default"].weight.device
+
+        optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=1e-2)
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        biases = {
+            n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_disel_gate.default.bias")
+        }
+        model.train()
+        fused = patch.object(disel, "_disel_linear_delta_fused", wraps=disel._disel_linear_delta_fused)
+        with fused as fused_spy:
+            for _ in range(3):
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        assert fused_spy.call_count > 0  # A and the gate as one GEMM, also on a quantized layer
+        assert all(not torch.equal(p, biases[n]) for n, p in model.named_parameters() if n in biases)
+
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(self.load_quantized(model_dir, quant), tmp_path).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, logits)
+
+    def test_mixed_batch_and_merge_refused(self, model_dir):
+        model = self.get_disel_model(model_dir, "4bit-nf4-fp32", init_lora_weights=False)
+        model.add_adapter("plain", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+        model.eval()
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            alone = {}
+            for name in ("default", "plain"):
+                model.set_adapter(name)
+                alone[name] = model(input_ids=ids).logits
+            mixed = model(input_ids=ids, adapter_names=["default", "plain"]).logits
+        assert not torch.allclose(alone["default"], alone["plain"])
+        torch.testing.assert_close(mixed[0], alone["default"][0])
+        torch.testing.assert_close(mixed[1], alone["plain"][1])
+
+        model.base_model.set_adapter(["plain", "default"])
+        state_dict = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(NotImplementedError, match="Cannot merge the DISeL adapter 'default'"):
+            model.merge_and_unload()
+        assert all(torch.equal(v, state_dict[k]) for k, v in model.state_dict().items())
+
+    def test_gates_get_gradients_under_gradient_checkpointing(self, model_dir):
+        model = self.get_disel_model(model_dir, "4bit-nf4-fp32", init_lora_weights=False)
+        assert model.base_model.model.is_gradient_checkpointing
+        model.train()
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_disel_gate" in n]
+        assert len(grads) == 12
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
