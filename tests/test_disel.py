@@ -628,6 +628,30 @@ class TestDiselModel:
         with pytest.raises(ValueError, match="MultiheadAttention does not support DISeL"):
             get_peft_model(self.get_base_model(ModelMha), LoraConfig(target_modules=["mha"], use_disel=True))
 
+    def test_refused_injection_leaves_the_model_unchanged(self):
+        # lin0 (supported) is wrapped before mha refuses: the refusal must undo it, so that plain LoRA can follow
+        class LinMha(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin0 = nn.Linear(10, 10)
+                self.mha = nn.MultiheadAttention(10, 2)
+
+            def forward(self, X):
+                X = self.lin0(X)
+                return self.mha(X, X, X)[0]
+
+        model = LinMha()
+        types = {name: type(module) for name, module in model.named_modules()}
+        state_dict = self.clone_state_dict(model)
+        with pytest.raises(ValueError, match="MultiheadAttention does not support DISeL"):
+            get_peft_model(model, LoraConfig(target_modules=["lin0", "mha"], use_disel=True))
+        assert {name: type(module) for name, module in model.named_modules()} == types
+        self.assert_state_dict_equal(state_dict, self.clone_state_dict(model))
+        assert all(p.requires_grad for p in model.parameters())
+
+        peft_model = get_peft_model(model, LoraConfig(target_modules=["lin0", "mha"]))
+        assert isinstance(peft_model.base_model.model.mha, lora.layer.MultiheadAttention)
+
     def test_multihead_attention_refused_in_add_adapter(self):
         # refused before the layer is changed: the model keeps working with its existing adapter
         model = get_peft_model(
