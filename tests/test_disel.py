@@ -1256,3 +1256,100 @@ class TestDiselQuantized:
         grads = [p.grad for n, p in model.named_parameters() if "lora_disel_gate" in n]
         assert len(grads) == 12
         assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+class TestDiselHotswap:
+    """`peft.utils.hotswap` with DISeL adapters: exact between compatible adapters, a clear error otherwise."""
+
+    X = torch.arange(90).view(9, 10).float()
+
+    def save_adapter(self, path, seed, **config_kwargs):
+        torch.manual_seed(seed)
+        config = LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False, **config_kwargs)
+        model = get_peft_model(MLP(), config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_disel_gate" in name:
+                    param.normal_(0.0, 0.5)  # spread the gates, so that a wrong gate shows in the output
+        model.save_pretrained(path)
+
+    def load(self, path, **kwargs):
+        torch.manual_seed(0)
+        return PeftModel.from_pretrained(MLP(), path, **kwargs).eval()
+
+    def expected_output(self, path):
+        with torch.no_grad():
+            return self.load(path)(self.X)
+
+    def test_hotswap_between_disel_adapters_is_exact(self, tmp_path):
+        from peft.utils.hotswap import hotswap_adapter
+
+        self.save_adapter(tmp_path / "a", seed=1, use_disel=True)
+        self.save_adapter(tmp_path / "b", seed=2, use_disel=True)
+        model = self.load(tmp_path / "a")
+        hotswap_adapter(model, tmp_path / "b", adapter_name="default")
+        with torch.no_grad():
+            torch.testing.assert_close(model(self.X), self.expected_output(tmp_path / "b"), rtol=0, atol=0)
+
+    @pytest.mark.parametrize(
+        "other, match",
+        [
+            ({}, "for use_disel"),  # a plain LoRA adapter into a DISeL slot
+            ({"use_disel": True, "disel_config": DiselConfig(gate_normalize=True)}, "for disel_config"),
+            ({"use_disel": True, "disel_config": DiselConfig(gate_bottleneck_dim=2)}, "for disel_config"),
+        ],
+    )
+    def test_hotswap_incompatible_adapter_raises(self, tmp_path, other, match):
+        from peft.utils.hotswap import hotswap_adapter
+
+        self.save_adapter(tmp_path / "a", seed=1, use_disel=True)
+        self.save_adapter(tmp_path / "b", seed=2, **other)
+        model = self.load(tmp_path / "a")
+        with torch.no_grad():
+            before = model(self.X)
+        with pytest.raises(ValueError, match=f"Configs are incompatible: {match}"):
+            hotswap_adapter(model, tmp_path / "b", adapter_name="default")
+        with torch.no_grad():
+            assert torch.equal(model(self.X), before)
+
+    @pytest.mark.parametrize("disel_config", [None, DiselConfig(gate_bottleneck_dim=2, gate_normalize=True)])
+    def test_compiled_hotswap_with_padded_rank(self, tmp_path, disel_config):
+        from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+        self.save_adapter(tmp_path / "a", seed=1, r=4, use_disel=True, disel_config=disel_config)
+        self.save_adapter(tmp_path / "b", seed=2, r=8, use_disel=True, disel_config=disel_config)
+        model = self.load(tmp_path / "a")
+        with torch.no_grad():
+            before = model(self.X)
+        prepare_model_for_compiled_hotswap(model, target_rank=8)
+        assert model.base_model.model.lin0.lora_disel_gate["default"].bias.shape == (8,)
+        with torch.no_grad():
+            # the padded ranks contribute nothing
+            torch.testing.assert_close(model(self.X), before, rtol=1e-5, atol=1e-5)
+
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(self.X), before, rtol=1e-5, atol=1e-6)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                hotswap_adapter(model, tmp_path / "b", adapter_name="default")
+                torch.testing.assert_close(
+                    compiled(self.X), self.expected_output(tmp_path / "b"), rtol=1e-5, atol=1e-6
+                )
+        torch._dynamo.reset()
+
+
+def test_gates_in_a_checkpoint_whose_config_has_no_disel_warn(tmp_path):
+    torch.manual_seed(0)
+    get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], use_disel=True)).save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["use_disel"], config["disel_config"] = False, None  # e.g. rewritten by a tool that does not know DISeL
+    config_path.write_text(json.dumps(config))
+    with pytest.warns(
+        UserWarning, match=r"holds 2 DISeL gate tensor\(s\), but its config has `use_disel=False`"
+    ) as rec:
+        PeftModel.from_pretrained(MLP(), tmp_path)
+    assert "base_model.model.lin0.lora_disel_gate.weight" in str(rec[0].message) + " ".join(
+        str(w.message) for w in rec
+    )

@@ -91,6 +91,20 @@ class DiselGate(nn.Module):
         """The gate logits for input `x`."""
         return self.finish(self.project(x))
 
+    @torch.no_grad()
+    def pad_rank(self, target_rank: int) -> None:
+        """Pad the gate to `target_rank` ranks (for `prepare_model_for_compiled_hotswap`). The padded ranks of A and B
+        are zero, so whatever their gates are, they contribute nothing."""
+        r = self.bias.shape[0]
+        if target_rank <= r:
+            return
+        names = ["bias", "weight_up"] if self.weight_up is not None else ["bias", "weight"]
+        for name in names:
+            param = getattr(self, name)
+            padded = param.new_zeros(target_rank, *param.shape[1:])
+            padded[:r] = param
+            setattr(self, name, nn.Parameter(padded, requires_grad=param.requires_grad))
+
     def register_logits_hook(self, hook: Callable[["DiselGate", torch.Tensor], None]) -> RemovableHandle:
         """Call `hook(gate, logits)` with the gate logits of every forward of the adapter, whichever path computes them
         (the gate diagnostics record the openings this way). The logits are `(..., r)` for linear and embedding layers
