@@ -228,15 +228,69 @@ class TestDiselModel:
         with pytest.raises(TypeError, match="do not support LoRA conversion"):
             convert_to_lora(model, rank=2)
 
-    @pytest.mark.parametrize("adapters", [["disel"], ["lora", "disel"]])
-    @pytest.mark.parametrize("combination_type", ["linear", "cat", "svd"])
-    def test_add_weighted_adapter_refused(self, adapters, combination_type):
+    @pytest.mark.parametrize(
+        "adapters, combination_type, match",
+        [
+            (["disel"], "linear", "only with `combination_type='cat'`"),
+            (["disel", "disel2"], "svd", "only with `combination_type='cat'`"),
+            (["lora", "disel"], "cat", r"Cannot combine DISeL adapters with plain LoRA adapters \['lora'\]"),
+            (["disel", "bottleneck"], "cat", "gates differ in `gate_normalize` or in having a bottleneck"),
+        ],
+    )
+    def test_add_weighted_adapter_refused(self, adapters, combination_type, match):
         model = self.get_lora_and_disel_model(MLP, ["lin0", "lin1"], ["lin0"])
+        model.add_adapter("disel2", LoraConfig(target_modules=["lin0"], use_disel=True))
+        bottleneck = DiselConfig(gate_bottleneck_dim=2)
+        model.add_adapter("bottleneck", LoraConfig(target_modules=["lin0"], use_disel=True, disel_config=bottleneck))
         state_dict_before = self.clone_state_dict(model)
-        with pytest.raises(ValueError, match="add_weighted_adapter does not support DISeL adapters"):
+        with pytest.raises(ValueError, match=match):
             model.add_weighted_adapter(adapters, [1.0] * len(adapters), "combined", combination_type=combination_type)
         assert "combined" not in model.peft_config
         self.assert_state_dict_equal(state_dict_before, self.clone_state_dict(model))
+
+    @pytest.mark.parametrize(
+        "layer, disel_config",
+        [
+            ("linear", None),
+            ("linear", DiselConfig(gate_bottleneck_dim=2, gate_normalize=True)),
+            ("embedding", None),
+            ("conv2d", DiselConfig(gate_bottleneck_dim=1)),
+        ],
+    )
+    def test_add_weighted_adapter_cat_is_exact(self, layer, disel_config):
+        # the "cat" combination of DISeL adapters is a DISeL adapter of rank r1 + r2 whose output is the weighted sum of
+        # theirs: w1 * s1 * B1(g1(x) * A1 x) + w2 * s2 * B2(g2(x) * A2 x)
+        torch.manual_seed(0)
+        base, x = {
+            "linear": (nn.Sequential(nn.Linear(10, 6)), torch.randn(5, 10)),
+            "embedding": (nn.Sequential(nn.Embedding(20, 6)), torch.randint(0, 20, (5, 3))),
+            "conv2d": (nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(2, 3, 6, 6)),
+        }[layer]
+        configs = [
+            LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False, use_disel=True),
+            LoraConfig(r=3, lora_alpha=6, target_modules=["0"], init_lora_weights=False, use_disel=True),
+        ]
+        for config in configs:
+            config.disel_config = disel_config or DiselConfig()
+        model = get_peft_model(base, configs[0], adapter_name="a").eval()
+        model.add_adapter("b", configs[1])
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_disel_gate" in name:
+                    param.normal_(0.0, 0.5)
+            with model.disable_adapter():
+                out_base = model(x)
+            deltas = {}
+            for name in ("a", "b"):
+                model.set_adapter(name)
+                deltas[name] = model(x) - out_base
+
+            model.add_weighted_adapter(["a", "b"], [0.7, -1.3], "combined", combination_type="cat")
+            model.set_adapter("combined")
+            combined = model(x) - out_base
+        assert model.peft_config["combined"].use_disel
+        assert model.base_model.model[0].lora_disel_gate["combined"].bias.shape == (7,)
+        torch.testing.assert_close(combined, 0.7 * deltas["a"] - 1.3 * deltas["b"], rtol=1e-5, atol=1e-6)
 
     #####################
     # multiple adapters #

@@ -318,3 +318,57 @@ MERGE_ERROR = (
     "sigmoid(W_g x + b_g), so there is no fixed weight delta to fold into the base weight. Nothing was merged. Keep "
     "the adapter unmerged for inference, or use `unload()` to remove it."
 )
+
+
+def check_disel_weighted_adapters(configs: dict, combination_type: str) -> None:
+    """Refuse a weighted combination of DISeL adapters that is not exact: only `"cat"` of DISeL adapters with the same
+    gate form is (the weighted sum of gated updates is itself a DISeL adapter with the ranks, gates and weights
+    stacked)."""
+    disel_configs = {name: config.disel_config for name, config in configs.items() if config.use_disel}
+    if not disel_configs:
+        return
+    if combination_type != "cat":
+        raise ValueError(
+            f"add_weighted_adapter supports DISeL adapters only with `combination_type='cat'`, got "
+            f"{combination_type!r}: the gated updates depend on the input, so only stacking their ranks is exact."
+        )
+    if len(disel_configs) != len(configs):
+        plain = sorted(set(configs) - set(disel_configs))
+        raise ValueError(
+            f"Cannot combine DISeL adapters with plain LoRA adapters {plain}: their sum is no DISeL adapter."
+        )
+    forms = {(c.gate_normalize, c.gate_bottleneck_dim is None) for c in disel_configs.values()}
+    if len(forms) > 1:
+        raise ValueError(
+            "Cannot combine DISeL adapters whose gates differ in `gate_normalize` or in having a bottleneck: "
+            f"{disel_configs}."
+        )
+
+
+def weighted_disel_config(configs: list) -> DiselConfig:
+    """The gate options of the `"cat"` combination of DISeL adapters: a bottleneck gate gets the sum of the bottlenecks
+    (the up-projections are stacked block-diagonally)."""
+    first = configs[0].disel_config
+    if first.gate_bottleneck_dim is None:
+        return first
+    return DiselConfig(
+        gate_bias_init=first.gate_bias_init,
+        gate_weight_init=first.gate_weight_init,
+        gate_normalize=first.gate_normalize,
+        gate_bottleneck_dim=sum(c.disel_config.gate_bottleneck_dim for c in configs),
+    )
+
+
+@torch.no_grad()
+def combine_disel_gates(module, adapters: list[str], adapter_name: str) -> None:
+    """Stack the gates of `adapters` into the gate of `adapter_name`, rank by rank in the order in which
+    `add_weighted_adapter(combination_type="cat")` stacks their `A` rows; unused ranks get zero."""
+    gates = [module.lora_disel_gate[name] for name in adapters if name in module.lora_disel_gate]
+    new = module.lora_disel_gate[adapter_name]
+    values = {"bias": torch.cat([gate.bias for gate in gates]), "weight": torch.cat([gate.weight for gate in gates])}
+    if new.weight_up is not None:
+        values["weight_up"] = torch.block_diag(*[gate.weight_up for gate in gates])
+    for name, value in values.items():
+        param = getattr(new, name)
+        param.zero_()
+        param[tuple(slice(0, n) for n in value.shape)] = value
