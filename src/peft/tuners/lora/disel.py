@@ -242,8 +242,8 @@ def _disel_linear_delta_plain(module, adapter_name: str, x: torch.Tensor, lora_A
 def _disel_linear_delta_fused(module, adapter_name: str, x: torch.Tensor, lora_A, gate) -> torch.Tensor:
     """`A x` and the gate projection as one GEMM (or convolution) over `x` with the concatenated weights.
 
-    The weights are concatenated on every call: a copy of `r x d_in` values, negligible next to the GEMM (a cached copy
-    measured no faster, and would have to follow in-place optimizer updates).
+    The weights are concatenated on every call, a copy of `r x d_in` values next to a GEMM over all tokens; a cached
+    copy would have to follow in-place optimizer updates.
     """
     lora_B = module.lora_B[adapter_name]
     r, n_gate = lora_A.weight.shape[0], gate.weight.shape[0]
