@@ -75,11 +75,15 @@ test-patched: install
 known-failures: install
 	$(PY) tooling/run_tests.py known-failures
 
+# our tooling with ruff.toml; every .py file at an upstream path (upstream's patched files and ours) from build/peft, with
+# upstream's own ruff configuration
+UPSTREAM_PY = $$(git diff --name-only $$(git tag -l 'upstream-*') -- '*.py') \
+	$$(git -C ../.. ls-files 'src/*.py' 'tests/*.py' 'examples/*.py' 'method_comparison/*.py')
 quality: install
-	$(VENV)/bin/ruff check src tests examples method_comparison tooling bench demo
-	$(VENV)/bin/ruff format --check src tests examples method_comparison tooling bench demo
-	cd build/peft && ../../$(VENV)/bin/ruff check $$(git diff --name-only $$(git tag -l 'upstream-*') -- '*.py')
-	cd build/peft && ../../$(VENV)/bin/ruff format --check $$(git diff --name-only $$(git tag -l 'upstream-*') -- '*.py')
+	$(VENV)/bin/ruff check tooling bench demo setup.py $(wildcard integration)
+	$(VENV)/bin/ruff format --check tooling bench demo setup.py $(wildcard integration)
+	cd build/peft && ../../$(VENV)/bin/ruff check $(UPSTREAM_PY)
+	cd build/peft && ../../$(VENV)/bin/ruff format --check $(UPSTREAM_PY)
 
 # --- packaging and the upstream PR -------------------------------------------------------------------------------
 
