@@ -12,7 +12,7 @@ TOOL := $(PYTHON) tooling/peftpatch.py
 DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC)' | cat - tooling/requirements.txt | sha1sum | cut -c1-12)
 
 .PHONY: help install tree reset-tree patches check test test-patched known-failures wheel pr quality clean \
-	demo demo-smoke bench bench-quick
+	demo demo-smoke bench bench-quick test-integration test-lm-eval
 
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
@@ -22,6 +22,8 @@ help:
 	@echo "make patches        regenerate the topic series in patches/ from build/peft's commits"
 	@echo "make check          the series applies to the verified sdist, is in sync with build/peft, every file has a topic"
 	@echo "make test-patched   a faster test run on the patched tree only (known upstream failures xfailed)"
+	@echo "make test-integration  integration/ only: TRL, DDP and FSDP2 on 2 CPU processes (lm-eval: see below)"
+	@echo "make test-lm-eval   install the pinned lm-eval, then evaluate a DISeL adapter with it (opt-in test)"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
 	@echo "make pr             the upstream pull request, one commit per topic, in dist/pr/ (PEFT_REPO=... applies it)"
 	@echo "make bench          DISeL vs LoRA vs DoRA speed and memory ratios; make bench-quick for a short run"
@@ -71,6 +73,24 @@ test: install
 # a faster development loop: the patched tree only, upstream's known offline failures xfailed
 test-patched: install
 	$(PY) tooling/run_tests.py patched $(PYTEST_ARGS)
+
+# integration/: TRL, DDP (accelerate launch) and FSDP2 (torchrun) on 2 CPU processes; `make test` runs them too
+INTEGRATION_PYTEST := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+	../../$(PY) -m pytest -p no:cacheprovider -o addopts= --import-mode=importlib -q -rs --timeout=600
+test-integration: install
+	cd build/peft && $(INTEGRATION_PYTEST) $(abspath integration)
+
+# lm-evaluation-harness is a large install (~30 packages), so its test is opt-in: installed here (with torch in the
+# same pip command, constrained by the pins of tooling/requirements.txt) and run with DISEL_LM_EVAL=1
+LM_EVAL_PKG := lm-eval==0.4.13
+LM_EVAL_STAMP := $(VENV)/.lm-eval-$(subst ==,-,$(LM_EVAL_PKG))
+
+$(LM_EVAL_STAMP): | $(DEPS_STAMP)
+	$(PIP) install '$(TORCH_SPEC)' '$(LM_EVAL_PKG)' -c tooling/requirements.txt
+	rm -f $(VENV)/.lm-eval-* && touch $@
+
+test-lm-eval: install $(LM_EVAL_STAMP)
+	cd build/peft && DISEL_LM_EVAL=1 $(INTEGRATION_PYTEST) -s $(abspath integration/test_lm_eval.py)
 
 known-failures: install
 	$(PY) tooling/run_tests.py known-failures

@@ -1,0 +1,77 @@
+"""Trains a tiny DISeL model with DDP through accelerate on 2 CPU processes (gloo); launched by test_distributed.py.
+
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        integration/disel_ddp_train.py --base_dir BASE --output_dir OUT
+
+(`accelerate launch --cpu --num_processes 2` starts a single process, hence the world size check.) Each rank trains on
+its own examples, so only DDP's gradient all-reduce keeps the replicas equal; the gates are compared across ranks, and
+rank 0 saves the adapter and the outputs of the trained model on a fixed batch (OUT/outputs.pt).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoModelForCausalLM
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from disel_integration_utils import GATE, TRAIN_TEXT, disel_config, gate_state, lm_batch, probe_ids
+
+from peft import get_peft_model
+from peft.optimizers import create_disel_optimizer
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base_dir", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    args = parser.parse_args()
+
+    accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    print(f"DDP rank {rank}: world size {world}, backend {torch.distributed.get_backend()}", flush=True)
+    assert world == 2, f"expected 2 processes, got {world}"
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.base_dir), disel_config())
+    gates_before = gate_state(model)
+    optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=args.lr, gate_lr_ratio=5.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    assert isinstance(model, DistributedDataParallel), type(model)
+    assert sorted(g["lr"] for g in optimizer.param_groups) == [args.lr, args.lr * 5.0]
+
+    model.train()
+    for step in range(args.steps):
+        batch = lm_batch(TRAIN_TEXT[rank::world])
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        print(f"DDP rank {rank}: step {step} loss {loss.item():.4f}", flush=True)
+
+    peft_model = accelerator.unwrap_model(model)
+    gates = gate_state(peft_model)
+    assert all(not torch.equal(gates[n], gates_before[n]) for n in gates), "a gate did not move"
+    flat = torch.cat([gates[n].flatten() for n in sorted(gates)])
+    gathered = accelerator.gather(flat[None])
+    assert torch.equal(gathered[0], gathered[1]), "the gates differ across ranks"
+    print(f"DDP rank {rank}: {len(gates)} {GATE} tensors identical on both ranks", flush=True)
+
+    if accelerator.is_main_process:
+        peft_model.eval()
+        peft_model.save_pretrained(Path(args.output_dir) / "adapter")
+        with torch.no_grad():
+            logits = peft_model(**probe_ids()).logits
+        torch.save({"logits": logits, "world_size": world}, Path(args.output_dir) / "outputs.pt")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Shared pieces of the integration tests: a tiny Llama with an offline word-level tokenizer, and DISeL helpers.
+
+Imported by path (the test files put this folder on sys.path), also by the scripts the distributed tests launch.
+"""
+
+from pathlib import Path
+
+import torch
+
+
+# every word the tests use (anything else would be <unk>)
+WORDS = [
+    *["the", "a", "is", "was", "it", "and", "of", "on", "in", "under", "what", "where", "how", "many"],
+    *["cat", "dog", "bird", "fish", "mat", "tree", "sky", "sea", "sat", "ran", "flew", "swam"],
+    *["big", "small", "red", "blue", "green", "colour", "yes", "no", "question", "answer"],
+    *["one", "two", "three", "four", "five"],
+]
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
+GATE = "lora_disel_gate"
+
+
+def make_tokenizer():
+    """A word-level tokenizer built in code (nothing from the Hub): specials, words, and punctuation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS + list(".,:?!"))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def make_base_model(seed=0):
+    """A 2-layer, 32-wide random LlamaForCausalLM, the same for the same seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),  # equal, or lm-eval resizes the embeddings before loading an adapter
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_base_model(folder):
+    """Saves the tiny model and its tokenizer to `folder` (a local model directory for from_pretrained)."""
+    folder = Path(folder)
+    make_base_model().save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def disel_config(**kwargs):
+    from peft import LoraConfig
+
+    kwargs = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear", **kwargs}
+    return LoraConfig(task_type="CAUSAL_LM", use_disel=True, **kwargs)
+
+
+def gate_state(model):
+    """Detached copies of the DISeL gate parameters, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if GATE in n}
+
+
+def probe_ids():
+    """A fixed batch to compare the outputs of a trained model with those of its reloaded adapter."""
+    tokenizer = make_tokenizer()
+    text = ["the cat sat on the mat .", "what colour is the sky ? blue ."]
+    return tokenizer(text, padding=True, return_tensors="pt")
+
+
+TRAIN_TEXT = [
+    "the cat sat on the mat .",
+    "the dog ran under the tree .",
+    "a bird flew in the sky .",
+    "a fish swam in the sea .",
+    "the red cat sat on a blue mat .",
+    "the big dog ran in the sea .",
+]
+
+
+def lm_batch(texts):
+    """A padded causal LM batch with labels (padding left out of the loss)."""
+    batch = make_tokenizer()(texts, padding=True, return_tensors="pt")
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
