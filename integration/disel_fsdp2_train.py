@@ -7,7 +7,6 @@ on the sharded parameters. After training, the full state dict is gathered to co
 0 saves the adapter from it through PEFT and the outputs of the trained model on a fixed batch (OUT/outputs.pt).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,19 +21,14 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import GATE, TRAIN_TEXT, disel_config, lm_batch, probe_ids
+from disel_integration_utils import GATE, TRAIN_TEXT, disel_config, lm_batch, parse_launch_args, probe_ids
 
 from peft import get_peft_model
 from peft.optimizers import create_disel_optimizer
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--base_dir", required=True)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    args = parser.parse_args()
+    args = parse_launch_args()
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -3,6 +3,7 @@
 Imported by path (the test files put this folder on sys.path), also by the scripts the distributed tests launch.
 """
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -60,6 +61,16 @@ def save_base_model(folder):
     make_base_model().save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
+
+
+def parse_launch_args():
+    """The arguments of the launched training scripts (DDP and FSDP2)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base_dir", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    return parser.parse_args()
 
 
 def disel_config(**kwargs):

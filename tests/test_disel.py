@@ -1213,20 +1213,8 @@ class TestDiselQuantized:
 
     @pytest.fixture(scope="class")
     def model_dir(self, tmp_path_factory):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=64,
-        )
         path = tmp_path_factory.mktemp("tiny-llama")
-        LlamaForCausalLM(config).save_pretrained(path)
+        TestDiselModel.get_tiny_llama().save_pretrained(path)
         return path
 
     def load_quantized(self, model_dir, quant):
@@ -1258,7 +1246,7 @@ class TestDiselQuantized:
         assert gate.weight.device == layer.lora_A["default"].weight.device
 
         optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=1e-2)
-        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
         biases = {
             n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_disel_gate.default.bias")
         }
@@ -1284,7 +1272,7 @@ class TestDiselQuantized:
         model = self.get_disel_model(model_dir, "4bit-nf4-fp32", init_lora_weights=False)
         model.add_adapter("plain", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
         model.eval()
-        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             alone = {}
             for name in ("default", "plain"):
@@ -1305,7 +1293,7 @@ class TestDiselQuantized:
         model = self.get_disel_model(model_dir, "4bit-nf4-fp32", init_lora_weights=False)
         assert model.base_model.model.is_gradient_checkpointing
         model.train()
-        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids).loss.backward()
         grads = [p.grad for n, p in model.named_parameters() if "lora_disel_gate" in n]
         assert len(grads) == 12
