@@ -1395,3 +1395,50 @@ def test_gates_in_a_checkpoint_whose_config_has_no_disel_warn(tmp_path):
     assert "base_model.model.lin0.lora_disel_gate.weight" in str(rec[0].message) + " ".join(
         str(w.message) for w in rec
     )
+
+
+class TestDiselEmbeddingGate:
+    """An embedding's gate is a table of logits per token id: its input is one-hot, so it is not normalized by the
+    vocabulary size, it reads the ids the layer's `input_fn` gives A, and the padding token's row gets no gradient."""
+
+    def get_model(self, **disel_kwargs):
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Embedding(1000, 8, padding_idx=0))
+        config = LoraConfig(
+            r=4,
+            target_modules=["0"],
+            init_lora_weights=False,
+            use_disel=True,
+            disel_config=DiselConfig(**disel_kwargs),
+        )
+        return get_peft_model(base, config)
+
+    def test_gate_normalize_is_a_no_op_on_embeddings(self):
+        gate = self.get_model(gate_normalize=True).base_model.model[0].lora_disel_gate["default"]
+        assert gate.norm == 1.0
+        linear = get_peft_model(
+            nn.Sequential(nn.Linear(100, 8)),
+            LoraConfig(r=4, target_modules=["0"], use_disel=True, disel_config=DiselConfig(gate_normalize=True)),
+        )
+        assert linear.base_model.model[0].lora_disel_gate["default"].norm == pytest.approx(0.1)
+
+    def test_padding_token_gate_gets_no_gradient(self):
+        model = self.get_model()
+        model(torch.tensor([[0, 5, 7, 0]])).sum().backward()
+        grad = model.base_model.model[0].lora_disel_gate["default"].weight.grad  # (r, num_embeddings)
+        assert torch.all(grad[:, 0] == 0)
+        assert torch.any(grad[:, 5] != 0) and torch.any(grad[:, 7] != 0)
+
+    def test_gate_reads_the_ids_of_input_fn(self):
+        model = self.get_model()
+        layer = model.base_model.model[0]
+        layer.input_fns["default"] = lambda args: args[0] + 1  # e.g. an id remapping
+        ids = torch.tensor([[3, 4]])
+        seen = []
+        handle = layer.lora_disel_gate["default"].register_logits_hook(lambda gate, logits: seen.append(logits))
+        with torch.no_grad():
+            model(ids)
+        handle.remove()
+        gate = layer.lora_disel_gate["default"]
+        expected = gate.weight.T[ids + 1] + gate.bias
+        torch.testing.assert_close(seen[0], expected)
