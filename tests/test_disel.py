@@ -14,6 +14,7 @@
 """Tests of DISeL (`LoraConfig(use_disel=True)`) beyond the DISeL entries of the shared test matrices."""
 
 import copy
+import importlib.util
 import json
 import shutil
 import warnings
@@ -1442,3 +1443,48 @@ class TestDiselEmbeddingGate:
         gate = layer.lora_disel_gate["default"]
         expected = gate.weight.T[ids + 1] + gate.bias
         torch.testing.assert_close(seen[0], expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+class TestDiselTorchao:
+    """DISeL on a torchao int8 weight-only base (TorchaoLoraLinear runs Linear's variants), on the CPU."""
+
+    def load_base(self, path):
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import AutoModelForCausalLM, TorchAoConfig
+
+        config = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+
+    def test_train_save_load_and_merge_refused(self, tmp_path):
+        from peft.optimizers import create_disel_optimizer
+
+        TestDiselModel.get_tiny_llama().save_pretrained(tmp_path / "base")
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_disel=True)
+        model = get_peft_model(self.load_base(tmp_path / "base"), config)
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert type(layer).__name__ == "TorchaoLoraLinear"
+        assert isinstance(layer.lora_variant["default"], DiselLinearVariant)
+
+        optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=1e-2)
+        ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+        bias = layer.lora_disel_gate["default"].bias.detach().clone()
+        model.train()
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert not torch.equal(layer.lora_disel_gate["default"].bias, bias)
+
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        with pytest.raises(NotImplementedError, match="Cannot merge the DISeL adapter"):
+            layer.merge()
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, logits)
+        model.save_pretrained(tmp_path / "adapter")
+        loaded = PeftModel.from_pretrained(self.load_base(tmp_path / "base"), tmp_path / "adapter").eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, logits)
