@@ -1236,8 +1236,6 @@ class TestDiselQuantized:
     def test_train_save_load(self, model_dir, quant, tmp_path):
         import bitsandbytes as bnb
 
-        from peft.optimizers import create_disel_optimizer
-
         model = self.get_disel_model(model_dir, quant)
         layer = model.base_model.model.model.layers[0].self_attn.q_proj
         bnb_cls = bnb.nn.Linear4bit if quant.startswith("4bit") else bnb.nn.Linear8bitLt
@@ -1246,7 +1244,7 @@ class TestDiselQuantized:
         assert gate.weight.dtype == torch.float32
         assert gate.weight.device == layer.lora_A["default"].weight.device
 
-        optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=1e-2)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
         biases = {
             n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_disel_gate.default.bias")
@@ -1458,8 +1456,6 @@ class TestDiselTorchao:
         return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
 
     def test_train_save_load_and_merge_refused(self, tmp_path):
-        from peft.optimizers import create_disel_optimizer
-
         TestDiselModel.get_tiny_llama().save_pretrained(tmp_path / "base")
         config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_disel=True)
         model = get_peft_model(self.load_base(tmp_path / "base"), config)
@@ -1467,7 +1463,7 @@ class TestDiselTorchao:
         assert type(layer).__name__ == "TorchaoLoraLinear"
         assert isinstance(layer.lora_variant["default"], DiselLinearVariant)
 
-        optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=1e-2)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
         bias = layer.lora_disel_gate["default"].bias.detach().clone()
         model.train()

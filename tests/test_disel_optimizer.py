@@ -14,6 +14,8 @@
 """Tests of `create_disel_optimizer`, which trains the DISeL gates at their own learning rate. The models are tiny
 and built locally."""
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -238,3 +240,32 @@ class TestTrainerIntegration:
             assert not torch.equal(before, dict(model.named_parameters())[name]), name
         for name, before in frozen_before.items():
             assert torch.equal(before, dict(model.named_parameters())[name]), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+def test_qlora_4bit_base(tmp_path):
+    # the QLoRA recipe: a 4-bit base prepared for k-bit training, DISeL on top, the gates at their own learning rate
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from peft import prepare_model_for_kbit_training
+
+    tiny_llama().save_pretrained(tmp_path)
+    quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization_config, device_map="cpu")
+    model = get_peft_model(
+        prepare_model_for_kbit_training(base), LoraConfig(r=4, target_modules=["q_proj"], use_disel=True)
+    )
+    optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=1e-2)
+    biases = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_disel_gate.default.bias")}
+    assert {param_group_of(optimizer, dict(model.named_parameters())[n])["lr"] for n in biases} == {
+        pytest.approx(5e-2)
+    }
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for _ in range(5):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(not torch.equal(p, biases[n]) for n, p in model.named_parameters() if n in biases)
