@@ -259,9 +259,8 @@ def test_qlora_4bit_base(tmp_path):
     )
     optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=1e-2)
     biases = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_disel_gate.default.bias")}
-    assert {param_group_of(optimizer, dict(model.named_parameters())[n])["lr"] for n in biases} == {
-        pytest.approx(5e-2)
-    }
+    params = dict(model.named_parameters())
+    assert [param_group_of(optimizer, params[n])["lr"] for n in biases] == [pytest.approx(5e-2)] * len(biases)
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     model.train()
     for _ in range(5):
