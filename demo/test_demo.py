@@ -136,6 +136,7 @@ def test_demo_end_to_end(demo_env, capsys):
     results = report["results"]
     assert list(results) == ["base", "lora", "disel", "dora"]
     for name, r in results.items():
+        assert r["peak_rss_mib"] > 0
         assert 0.0 <= r["target_acc"] <= 1.0
         assert 0.0 <= r["sentiment_acc"] <= 1.0
         assert set(r["ppl"]) == {"pydoc", "licences", "english"}
@@ -155,6 +156,44 @@ def test_demo_end_to_end(demo_env, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "target acc" in printed and "disel" in printed
+
+
+def test_demo_qlora_4bit(demo_env, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    import train as demo_train
+
+    # the adapted layers as the demo trains them: LoRA layers of peft's bitsandbytes integration
+    adapted = set()
+    real_train = demo_train.train
+
+    def spy(model, *args, **kwargs):
+        peft_model, info = real_train(model, *args, **kwargs)
+        adapted.update(
+            type(m).__module__ + "." + type(m).__name__ for m in peft_model.modules() if hasattr(m, "lora_A")
+        )
+        return peft_model, info
+
+    monkeypatch.setattr(demo_train, "train", spy)
+    model_dir, out = demo_env
+    rc = run_demo.main(["--model", str(model_dir), "--out", str(out), "--quantize", "4bit", *SMALL])
+    assert rc == 0
+    assert adapted == {"peft.tuners.lora.bnb.Linear4bit"}
+    # outputs in their own folder, next to (not over) the full-precision ones; the caches are shared
+    assert not (out / "results.json").exists()
+    qdir = out / "qlora-4bit"
+    report = json.loads((qdir / "results.json").read_text())
+    assert report["meta"]["complete"] is True and report["meta"]["quantize"] == "4bit"
+    results = report["results"]
+    assert list(results) == ["base", "lora", "disel"]
+    for r in results.values():
+        assert 0.0 <= r["target_acc"] <= 1.0
+        assert all(v > 1.0 for v in r["ppl"].values())
+        assert r["peak_rss_mib"] > 0
+    assert results["disel"]["trainable_params"] > results["lora"]["trainable_params"]
+    assert len(results["disel"]["losses"]) == 3
+    assert sorted({g["lr"] for g in results["disel"]["optimizer_groups"]}) == pytest.approx([1e-3, 5e-3])
+    for png in ("gain_vs_retention.png", "disel_gates.png"):
+        assert (qdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_tuning_mode_uses_validation_data(demo_env):

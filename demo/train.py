@@ -4,6 +4,8 @@
 - "disel": LoRA with DISeL gates (`LoraConfig(use_disel=True)`), optimizer from `peft.optimizers.create_disel_optimizer`
   (gates at `gate_lr_ratio` x the LoRA lr, no weight decay on the gates).
 - "dora":  DoRA (`use_dora=True`), an optional extra reference point.
+
+On a bitsandbytes 4-bit/8-bit base (QLoRA), the model first goes through `peft.prepare_model_for_kbit_training`.
 """
 
 import math
@@ -37,6 +39,8 @@ class TrainConfig:
     gate_bias_init: float = -3.0
     gate_lr_ratio: float = 5.0
     seed: int = 0
+    quantized: bool = False  # a bitsandbytes base: prepare_model_for_kbit_training before adding the adapter
+    gradient_checkpointing: bool = False  # on a quantized base only (prepare_model_for_kbit_training's option)
     extra: dict = field(default_factory=dict)
 
 
@@ -124,6 +128,10 @@ def train(model, tokenizer, problems, method: str, cfg: TrainConfig, desc=None):
     from peft import get_peft_model
 
     torch.manual_seed(cfg.seed)
+    if cfg.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     try:
         peft_model = get_peft_model(model, lora_config(method, cfg))
     except ValueError as e:

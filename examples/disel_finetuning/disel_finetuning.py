@@ -14,7 +14,8 @@
 """Fine-tune a causal language model with DISeL (https://huggingface.co/papers/2605.19028), save it and reload it.
 
 DISeL is a LoRA variant: `LoraConfig(use_disel=True)`. The gates train at their own learning rate, set up by
-`peft.optimizers.create_disel_optimizer`.
+`peft.optimizers.create_disel_optimizer`. With `--load_in_4bit` the base model is loaded in 4-bit through bitsandbytes
+and prepared with `prepare_model_for_kbit_training` (QLoRA); the adapter and its gates stay in float32.
 """
 
 import argparse
@@ -25,12 +26,13 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     DataCollatorForLanguageModeling,
     Trainer,
     TrainingArguments,
 )
 
-from peft import DiselConfig, LoraConfig, PeftModel, get_peft_model
+from peft import DiselConfig, LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.optimizers import create_disel_optimizer
 from peft.tuners.lora.disel_diagnostics import DiselGateCallback, DiselGateRecorder
 
@@ -47,6 +49,25 @@ def load_texts(data_path):
     return [json.loads(line)["text"] for line in lines] if data_path.endswith(".jsonl") else lines
 
 
+def load_base_model(args):
+    """The base model in float32, or with --load_in_4bit its linear layers in 4-bit NF4 (bitsandbytes)."""
+    if not args.load_in_4bit:
+        return AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32)
+    # float32 compute runs on the CPU and on GPUs; on a GPU, bnb_4bit_compute_dtype=torch.bfloat16 is faster
+    quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        args.base_model,
+        dtype=torch.float32,
+        quantization_config=quantization_config,
+        device_map={"": 0} if torch.cuda.is_available() else "cpu",
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base_model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="Hub id or local path")
@@ -60,6 +81,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--cutoff_len", type=int, default=256)
     parser.add_argument("--target_modules", default="all-linear", help='comma-separated names, or "all-linear"')
+    parser.add_argument("--load_in_4bit", action="store_true", help="QLoRA: a 4-bit NF4 base model (bitsandbytes)")
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
@@ -68,7 +90,10 @@ def main():
     texts = load_texts(args.data_path)
     dataset = [tokenizer(text + tokenizer.eos_token, truncation=True, max_length=args.cutoff_len) for text in texts]
 
-    model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32)
+    model = load_base_model(args)
+    if args.load_in_4bit:
+        # freezes the base, keeps the non-quantized weights in float32, enables gradient checkpointing
+        model = prepare_model_for_kbit_training(model)
     target_modules = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     config = LoraConfig(
         r=args.rank,
@@ -111,7 +136,9 @@ def main():
     tokenizer.save_pretrained(args.output_dir)
 
     # reload: plain PeftModel.from_pretrained, nothing DISeL-specific
-    base = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32).to(model.device)
+    base = load_base_model(args)  # the same 4-bit weights again with --load_in_4bit: quantization is deterministic
+    if not args.load_in_4bit:
+        base = base.to(model.device)
     reloaded = PeftModel.from_pretrained(base, args.output_dir)
     model.eval()
     reloaded.eval()
