@@ -48,7 +48,16 @@ class DiselGate(nn.Module):
     - `bias`: `(r,)`.
     """
 
-    def __init__(self, weight: torch.Tensor, r: int, bottleneck: Optional[int], norm: float, bias_init: float, layer):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        r: int,
+        bottleneck: Optional[int],
+        norm: float,
+        bias_init: float,
+        layer,
+        padding_idx: Optional[int] = None,
+    ):
         super().__init__()
         kw = {"device": weight.device, "dtype": weight.dtype}
         self.weight = nn.Parameter(torch.empty(bottleneck or r, *weight.shape[1:], **kw))
@@ -64,6 +73,7 @@ class DiselGate(nn.Module):
             self.stride, self.padding = layer.stride, layer.padding
         else:
             self.kind = "embedding"
+            self.padding_idx = padding_idx
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """`V x` (or `W_g x` for a full gate), before the bottleneck's up-projection, the normalization and the bias."""
@@ -71,7 +81,8 @@ class DiselGate(nn.Module):
             return F.linear(x, self.weight)
         if self.kind == "conv":
             return self.conv_fn(x, self.weight, stride=self.stride, padding=self.padding)
-        return F.embedding(x, self.weight.T)
+        # the padding token's logits get no gradient, as its embedding row does not
+        return F.embedding(x, self.weight.T, padding_idx=self.padding_idx)
 
     def finish(self, h: torch.Tensor) -> torch.Tensor:
         """The logits from the projection `h`: up-projection (bottleneck), normalization and bias."""
@@ -137,6 +148,7 @@ def create_disel_gate(module, adapter_name: str, config) -> None:
         norm=norm,
         bias_init=disel_config.gate_bias_init,
         layer=layer,
+        padding_idx=module.get_base_layer().padding_idx if layer is None else None,
     )
     if weight.device.type != "meta":
         reset_disel_gate(gate, disel_config.gate_weight_init)
@@ -297,12 +309,10 @@ def disel_embedding_delta(module, adapter_name: str, x: torch.Tensor) -> torch.T
     embedding_A = module.lora_embedding_A[adapter_name].T
     embedding_B = module.lora_embedding_B[adapter_name].T
     input_fn = module.input_fns.get(adapter_name, None)
-    output_fn = module.output_fns.get(adapter_name, None)
-    after_A = module._embed(x, embedding_A, input_fn=input_fn, output_fn=output_fn)
-    gate = module.lora_disel_gate[adapter_name]
     ids = input_fn((x,)) if input_fn is not None else x
-    h = F.embedding(ids, gate.weight.T, padding_idx=module.get_base_layer().padding_idx)
-    logits = gate.finish(h)
+    after_A = module._embed(ids, embedding_A, output_fn=module.output_fns.get(adapter_name, None))
+    gate = module.lora_disel_gate[adapter_name]
+    logits = gate(ids)
     if gate._logits_hooks:
         gate._run_logits_hooks(logits)
     # the scaling on the r-wide product, not on the d_out-wide delta

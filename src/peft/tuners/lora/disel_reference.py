@@ -255,9 +255,11 @@ def merge_reference_gate_files(state_dict: dict, model_dir: Union[str, os.PathLi
         ValueError: If a key of the gate file is also a key of `state_dict`.
     """
     merged = dict(state_dict)
-    if any(_parse_gate_key(key) is not None for key in state_dict):
+    # every PEFT checkpoint passes here: look for a gate file first, and at the keys only if there is one
+    paths = find_reference_gate_files(model_dir)
+    if not paths or any(_parse_gate_key(key) is not None for key in state_dict):
         return merged
-    for path in find_reference_gate_files(model_dir)[:1]:
+    for path in paths[:1]:
         gates = load_reference_gate_file(path, device=device)
         clashes = sorted(set(gates) & set(merged))
         if clashes:
