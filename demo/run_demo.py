@@ -99,7 +99,15 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=25)
     p.add_argument("--eval-on", choices=("test", "val"), default="test", help="'val' for tuning (see above)")
     p.add_argument("--results-name", default=None, help="results file name (default results.json / val_results.json)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="training seed: adapter init and the order of training problems"
+    )
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="seed of the problem sets and of the retention and sentiment samples (the same for every training seed)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -215,7 +223,7 @@ def run(args) -> int:
         args.n_val,
         args.n_test,
         args.n_sentiment,
-        args.seed,
+        args.data_seed,
         log=log,
     )
     cfg = TrainConfig(
