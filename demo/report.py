@@ -1,6 +1,10 @@
 """The demo's outputs: the comparison table and the gain-vs-retention plot."""
 
+import itertools
 import os
+import random
+import statistics
+import textwrap
 
 from data import DataError
 
@@ -83,6 +87,305 @@ def plot_gain_vs_retention(results: dict, path: str, title: str = "") -> str:
     fig.suptitle(title or "gain vs retention", fontsize=10)
     fig.text(0.5, 0.005, "error bars: binomial standard error of the accuracy", ha="center", fontsize=8, color="grey")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# --- the frontier (demo/frontier.py) --------------------------------------------------------------------------------
+
+CURVE_LABELS = {
+    "LoRA lr": "LoRA: learning rate",
+    "DISeL gate lr ratio": "DISeL: gate lr ratio (lr 1e-3)",
+    "DISeL x5 lr": "DISeL x5: learning rate",
+    "DISeL bottleneck gate": "DISeL x5, bottleneck gate (lr 1e-3)",
+    "DoRA": "DoRA (lr 1e-3)",
+}
+CURVE_STYLE = {
+    "LoRA lr": ("tab:blue", "o", "-"),
+    "DISeL gate lr ratio": ("tab:red", "s", "-"),
+    "DISeL x5 lr": ("tab:orange", "D", "--"),
+    "DISeL bottleneck gate": ("tab:purple", "^", ""),
+    "DoRA": ("tab:green", "v", ""),
+}
+REFERENCE = ("DISeL gate lr ratio", "x5")  # the paper's default, at the demo's LoRA learning rate
+MIN_INSIDE = 0.9  # an interval only if the point is inside LoRA's accuracy range in this share of the resamples
+
+
+def _mean_sd(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def pareto(curve):
+    """The points of `curve` ([(accuracy, cost), ...]) that no other point beats on both (higher or equal accuracy at
+    lower or equal cost), sorted by accuracy: along them, cost rises with accuracy."""
+    keep = [(a, c) for a, c in curve if not any((a2 >= a and c2 <= c) and (a2, c2) != (a, c) for a2, c2 in curve)]
+    return sorted(set(keep))
+
+
+def interpolate_cost(curve, acc):
+    """The cost at accuracy `acc`, linear between the Pareto points of `curve` ([(accuracy, cost), ...]); None outside
+    the accuracy range they cover (no extrapolation)."""
+    pts = pareto(curve)
+    if not pts or acc < pts[0][0] or acc > pts[-1][0]:
+        return None
+    for (a0, c0), (a1, c1) in itertools.pairwise(pts):
+        if a0 <= acc <= a1:
+            return c0 + (c1 - c0) * (acc - a0) / (a1 - a0)
+    return pts[0][1]  # a single point, at exactly its accuracy
+
+
+def _ratio(cost, lora_cost):
+    return cost / lora_cost if lora_cost is not None and lora_cost > 0 else None
+
+
+def frontier_summary(base, runs, settings, seeds, n_boot=2000, boot_seed=0):
+    """Per point: accuracy and retention cost (mean perplexity change vs base, %) per seed, their mean and standard
+    deviation. For every point that is not LoRA's: LoRA's cost at the same accuracy (interpolated along the Pareto
+    points of LoRA's mean curve), the ratio and the difference, the LoRA points that beat it or that it beats on both
+    axes, and a 5-95% range of the ratio over bootstrap resamples of the seeds (each point's seeds drawn with
+    replacement, LoRA's curve included)."""
+    points = []
+    for s in settings:
+        rs = [runs[(s, seed)] for seed in seeds]
+        acc = [100 * r["target_acc"] for r in rs]
+        cost = [relative_ppl_change(r, base) for r in rs]
+        p = {"curve": s.curve, "knob": s.knob, "method": s.method, "lr": s.lr, "gate_lr_ratio": s.gate_lr_ratio}
+        p.update(gate_bottleneck_dim=s.gate_bottleneck_dim, seeds=list(seeds), acc=acc, cost=cost)
+        p["run"] = [s.method, s.lr, s.gate_lr_ratio, s.gate_bottleneck_dim]  # the same runs may be on two curves
+        p["acc_mean"], p["acc_sd"] = _mean_sd(acc)
+        p["cost_mean"], p["cost_sd"] = _mean_sd(cost)
+        p["ppl_mean"] = {k: _mean_sd([r["ppl"][k] for r in rs])[0] for k in base["ppl"]}
+        p["sentiment_mean"] = _mean_sd([100 * r["sentiment_acc"] for r in rs])[0]
+        p["train_seconds_mean"] = _mean_sd([r.get("train_seconds", 0.0) for r in rs])[0]
+        points.append(p)
+    lora = [p for p in points if p["curve"] == "LoRA lr"]
+    others = [p for p in points if p["curve"] != "LoRA lr"]
+    lora_curve = [(p["acc_mean"], p["cost_mean"]) for p in lora]
+    for p in others:
+        p["lora_cost"] = interpolate_cost(lora_curve, p["acc_mean"])
+        p["ratio"] = _ratio(p["cost_mean"], p["lora_cost"])
+        p["cost_diff"] = None if p["lora_cost"] is None else p["cost_mean"] - p["lora_cost"]
+        a, c = p["acc_mean"], p["cost_mean"]
+        p["beaten_by"] = [q["knob"] for q in lora if q["acc_mean"] >= a and q["cost_mean"] <= c]
+        p["beats"] = [q["knob"] for q in lora if a >= q["acc_mean"] and c <= q["cost_mean"]]
+    rng = random.Random(boot_seed)
+    n = len(seeds)
+    n_boot = n_boot if n > 1 else 0
+    draws = {id(p): [] for p in others}
+    for _ in range(n_boot):
+        means = {}
+        for p in points:
+            if str(p["run"]) not in means:
+                idx = [rng.randrange(n) for _ in range(n)]
+                means[str(p["run"])] = (sum(p["acc"][i] for i in idx) / n, sum(p["cost"][i] for i in idx) / n)
+        curve = [means[str(p["run"])] for p in lora]
+        for p in others:
+            a, c = means[str(p["run"])]
+            draws[id(p)].append(_ratio(c, interpolate_cost(curve, a)))
+    for p in others:
+        d = draws[id(p)]
+        inside = sorted(r for r in d if r is not None)
+        p["boot_inside"] = len(inside) / len(d) if d else None
+        p["ratio_lo"] = p["ratio_hi"] = None
+        if d and len(inside) >= MIN_INSIDE * len(d):
+            p["ratio_lo"] = inside[round(0.05 * (len(inside) - 1))]
+            p["ratio_hi"] = inside[round(0.95 * (len(inside) - 1))]
+    acc_range = (min(a for a, _ in lora_curve), max(a for a, _ in lora_curve)) if lora_curve else None
+    n_test = base.get("n_problems") or 0
+    acc = base["target_acc"] if not lora else max(p["acc_mean"] for p in lora) / 100
+    return {
+        "base": {"target_acc": 100 * base["target_acc"], "ppl": base["ppl"], "sentiment": 100 * base["sentiment_acc"]},
+        "points": points,
+        "lora_acc_range": acc_range,
+        "n_seeds": n,
+        "n_boot": n_boot,
+        "n_test": n_test,
+        # the test set's own sampling error of an accuracy near LoRA's best, which seed resampling does not see
+        "acc_se": 100 * (acc * (1 - acc) / n_test) ** 0.5 if n_test else None,
+    }
+
+
+def _fmt_ratio(p):
+    if p.get("ratio") is None:
+        return "-"
+    if p.get("ratio_lo") is None:
+        return f"{p['ratio']:.2f}"
+    return f"{p['ratio']:.2f} [{p['ratio_lo']:.2f}, {p['ratio_hi']:.2f}]"
+
+
+def _name(p):
+    if p["curve"] == "DISeL gate lr ratio":
+        return f"DISeL gate lr {p['knob']} (lr {p['lr']:g})"
+    if p["curve"] == "DISeL x5 lr":
+        return f"DISeL gate lr x5 at lr {p['lr']:g}"
+    if p["curve"] == "LoRA lr":
+        return f"LoRA lr {p['lr']:g}"
+    if p["gate_bottleneck_dim"]:
+        return f"DISeL bottleneck gate dim {p['gate_bottleneck_dim']} (x5, lr {p['lr']:g})"
+    return f"{p['curve']} (lr {p['lr']:g})"
+
+
+def _no_ratio(p):
+    """Why a point has no cost ratio."""
+    if p["lora_cost"] is None:
+        return "outside LoRA's accuracy range"
+    return f"LoRA's interpolated cost there is {p['lora_cost']:+.1f}%, not a positive cost to compare with"
+
+
+def _against_points(p):
+    """What plain dominance says of a point, whether or not it is inside LoRA's accuracy range."""
+    parts = []
+    if p["beaten_by"]:
+        parts.append(f"LoRA at {', '.join(p['beaten_by'])} is at least as accurate at no more cost")
+    if p["beats"]:
+        parts.append(f"at least as accurate as LoRA at {', '.join(p['beats'])}, at no more cost")
+    return "; ".join(parts)
+
+
+def verdict_lines(summary) -> list[str]:
+    """The verdict, computed from the summary: DISeL's retention cost as a fraction of LoRA's at matched accuracy."""
+    pts = list({str(p["run"]): p for p in reversed(summary["points"]) if p["curve"] != "LoRA lr"}.values())[::-1]
+    disel = [p for p in pts if p["method"] == "disel"]  # each run once, on the first curve it belongs to
+    lo, hi = summary["lora_acc_range"] or (float("nan"), float("nan"))
+    several = summary["n_seeds"] > 1
+    interval = "[5-95% over seed resamples]" if several else "(one seed: no interval)"
+    lines = []
+    ref = next((p for p in disel if (p["curve"], p["knob"]) == REFERENCE), None)
+    if ref is not None and ref["ratio"] is not None:
+        lines.append(
+            f"VERDICT: at matched target accuracy ({ref['acc_mean']:.1f}%), DISeL at the paper default (gate lr x5, "
+            f"lr {ref['lr']:g}) has {_fmt_ratio(ref)} {interval} of LoRA's retention cost: {ref['cost_mean']:+.1f}% "
+            f"vs {ref['lora_cost']:+.1f}% mean perplexity change on the held-out texts "
+            f"({ref['cost_diff']:+.1f} points)."
+        )
+    elif ref is not None:
+        extra = _against_points(ref)
+        lines.append(
+            f"VERDICT: no matched comparison for DISeL at the paper default ({ref['acc_mean']:.1f}% target accuracy, "
+            f"cost {ref['cost_mean']:+.1f}%): {_no_ratio(ref)} ({lo:.1f}-{hi:.1f}%)"
+            + (f"; {extra}." if extra else ".")
+        )
+    inside = [p for p in disel if p["ratio"] is not None]
+    if inside:
+        ratios = [p["ratio"] for p in inside]
+        below = [p for p in inside if p["ratio"] < 1]
+        sure = [p for p in inside if p.get("ratio_hi") is not None and p["ratio_hi"] < 1]
+        lines.append(
+            f"DISeL points compared (inside LoRA's accuracy range {lo:.1f}-{hi:.1f}%): {len(inside)} of {len(disel)}, "
+            f"cost ratio {min(ratios):.2f} to {max(ratios):.2f}; below LoRA's curve at {len(below)} of {len(inside)}"
+            + (f", with the whole seed-resample range below 1 at {len(sure)}" if several else " (one seed)")
+            + "."
+        )
+        weak = [p for p in inside if p["ratio"] >= 1 or (several and (p["ratio_hi"] is None or p["ratio_hi"] >= 1))]
+        if weak:
+            lines.append(
+                "DISeL does not clearly dominate LoRA at: "
+                + "; ".join(f"{_name(p)} (ratio {_fmt_ratio(p)})" for p in weak)
+                + "."
+            )
+        elif several:
+            lines.append("DISeL dominates LoRA at every compared DISeL point, over the seed resamples.")
+    for p in disel:
+        if p["ratio"] is None:
+            extra = _against_points(p)
+            lines.append(
+                f"Not interpolated: {_name(p)} ({p['acc_mean']:.1f}%, cost {p['cost_mean']:+.1f}%): {_no_ratio(p)}"
+                + (f"; {extra}." if extra else ".")
+            )
+        elif p["beaten_by"]:
+            lines.append(f"{_name(p)}: {_against_points(p)}.")
+    for p in pts:
+        if p["method"] != "disel":
+            where = f"cost ratio {_fmt_ratio(p)}" if p["ratio"] is not None else _no_ratio(p)
+            lines.append(f"{_name(p)}: {p['acc_mean']:.1f}% at cost {p['cost_mean']:+.1f}% ({where}).")
+    if several:
+        se = summary["acc_se"]
+        lines.append(
+            f"Uncertainty: the ranges resample the {summary['n_seeds']} training seeds only (with few seeds they are "
+            f"coarse and narrow); the fixed test set's own sampling error"
+            + (f", about {se:.1f} accuracy points (binomial, {summary['n_test']} problems)," if se else "")
+            + " is not in them."
+        )
+    return lines
+
+
+def frontier_table(summary) -> str:
+    """A markdown table, one row per point (mean +- standard deviation over seeds)."""
+    base = summary["base"]
+    names = list(base["ppl"])
+    head = ["curve", "knob", "seeds", "target acc %", "retention cost %"] + [f"ppl {k}" for k in names]
+    head += ["sentiment %", "train s", "LoRA cost at same acc", "cost - LoRA's", "cost / LoRA's"]
+    head += ["acc per seed", "cost per seed"]
+    rows = [["base", "-", "-", f"{base['target_acc']:.1f}", "0.0"] + [f"{base['ppl'][k]:.2f}" for k in names]]
+    rows[0] += [f"{base['sentiment']:.0f}", "-", "-", "-", "-", "-", "-"]
+    for p in summary["points"]:
+        lora_cost = p.get("lora_cost")
+        if p["curve"] == "LoRA lr":
+            matched = ["-", "-"]
+        elif lora_cost is None:
+            matched = ["outside", "-"]
+        else:
+            matched = [f"{lora_cost:+.1f}", f"{p['cost_diff']:+.1f}"]
+        rows.append(
+            [p["curve"], p["knob"], str(len(p["seeds"])), f"{p['acc_mean']:.1f} ± {p['acc_sd']:.1f}"]
+            + [f"{p['cost_mean']:+.1f} ± {p['cost_sd']:.1f}"]
+            + [f"{p['ppl_mean'][k]:.2f}" for k in names]
+            + [f"{p['sentiment_mean']:.0f}", f"{p['train_seconds_mean']:.0f}", *matched, _fmt_ratio(p)]
+            + [", ".join(f"{a:.1f}" for a in p["acc"]), ", ".join(f"{c:+.1f}" for c in p["cost"])]
+        )
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def plot_frontier(summary, path: str, title: str = "") -> str:
+    """Target accuracy vs retention cost: one curve per knob (mean over seeds, error bars: standard deviation over
+    seeds on both axes), each seed's run as a faint dot, the base model at the origin of the cost axis."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise DataError("The plots need matplotlib: `pip install matplotlib`.") from e
+
+    fig = Figure(figsize=(9, 6.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    curves = {}
+    for p in summary["points"]:
+        curves.setdefault(p["curve"], []).append(p)
+    for curve, pts in curves.items():
+        color, marker, line = CURVE_STYLE.get(curve, ("tab:gray", "o", ""))
+        for p in pts:
+            ax.scatter(p["cost"], p["acc"], color=color, marker=marker, s=14, alpha=0.3, zorder=2)
+        ax.errorbar(
+            [p["cost_mean"] for p in pts],
+            [p["acc_mean"] for p in pts],
+            xerr=[p["cost_sd"] for p in pts],
+            yerr=[p["acc_sd"] for p in pts],
+            fmt=marker + line,
+            color=color,
+            markersize=7,
+            capsize=3,
+            label=CURVE_LABELS.get(curve, curve),
+            zorder=3,
+        )
+        if len(pts) > 1:
+            for p in pts:
+                xy = (p["cost_mean"], p["acc_mean"])
+                ax.annotate(p["knob"], xy, textcoords="offset points", xytext=(6, -10), fontsize=7, color=color)
+    ax.scatter([0.0], [summary["base"]["target_acc"]], color="black", marker="*", s=90, label="base model", zorder=4)
+    ax.axvline(0.0, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("retention cost: mean perplexity change on held-out texts vs the base model (%)  [lower is better]")
+    ax.set_ylabel("target task: exact-match accuracy (%)  [higher is better]")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    lines = verdict_lines(summary)
+    fig.suptitle(title or "gain vs retention frontier", fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(lines[0] if lines else "", 120)), fontsize=8)
+    note = f"mean over {summary['n_seeds']} seed(s); error bars: standard deviation over seeds; faint: single runs"
+    fig.text(0.5, 0.005, note, ha="center", fontsize=8, color="grey")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
     return path

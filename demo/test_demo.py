@@ -250,3 +250,156 @@ def test_parse_answer():
     assert parse_answer(" 62 + 96 = 158, 158 - 86 = 72. The answer is 72.") == 72
     assert parse_answer(" 44\n\nExplanation: ...") == 44
     assert parse_answer(" none") is None
+
+
+def test_training_seed_leaves_the_evaluation_sets_alone(demo_env):
+    """`--seed` changes the adapter init and the order of training problems, never the evaluation sets."""
+    model_dir, out = demo_env
+    reports = []
+    for seed in ("0", "1"):
+        rc = run_demo.main(["--model", str(model_dir), "--out", str(out), "--methods", "lora", "--no-plots",
+                            "--seed", seed, "--results-name", f"seed{seed}.json", *SMALL])  # fmt: skip
+        assert rc == 0
+        reports.append(json.loads((out / f"seed{seed}.json").read_text()))
+    base0, base1 = (r["results"]["base"] for r in reports)
+    assert base0["ppl"] == base1["ppl"] and base0["examples"] == base1["examples"]
+    assert reports[0]["meta"]["data"] == reports[1]["meta"]["data"]
+    assert reports[0]["results"]["lora"]["losses"] != reports[1]["results"]["lora"]["losses"]
+
+
+# --- the frontier (demo/frontier.py) --------------------------------------------------------------------------------
+
+TINY_FRONTIER = [
+    "--quick", "--seeds", "2", "--steps", "2", "--n-test", "8", "--batch-size", "4", "--rank", "4", "--layers", "all",
+    "--n-train", "40", "--n-sentiment", "8", "--ppl-chunks", "2", "--ppl-seq-len", "16", "--eval-batch-size", "4",
+]  # fmt: skip
+
+
+def test_frontier_runs_caches_and_reruns_only_what_changed(demo_env, monkeypatch, capsys):
+    import frontier
+
+    model_dir, out = demo_env
+    common = ["--model", str(model_dir), "--cache", str(out), "--out", str(out / "frontier"), *TINY_FRONTIER]
+    assert frontier.main([*common, "--workers", "2"]) == 0  # the runs in 2 worker processes
+    report = json.loads((out / "frontier" / "frontier.json").read_text())
+    quick = frontier.BUDGETS["quick"]
+    n_points = len(quick["lora_lrs"]) + len(quick["gate_ratios"])
+    assert len(report["summary"]["points"]) == n_points
+    assert len(report["runs"]) == 2 * n_points
+    assert {r["seed"] for r in report["runs"]} == {0, 1}
+    assert report["machine"]["workers"] == 2
+    runs_dir = out / "frontier" / "runs"
+    assert len(list(runs_dir.glob("base-*.json"))) == 1  # the base model is evaluated once
+    assert "train lora" in next(runs_dir.glob("lora-*.log")).read_text()  # a run's progress bars go to its log
+    assert report["verdict"][0].startswith("VERDICT:")
+    assert (out / "frontier" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| curve |" in (out / "frontier" / "frontier.md").read_text()
+
+    ran = []
+    real_run_job = frontier.run_job
+    monkeypatch.setattr(frontier, "run_job", lambda job: ran.append(job["name"]) or real_run_job(job))
+    # everything cached: nothing runs again, whatever the number of workers or plots
+    assert frontier.main([*common, "--workers", "1", "--no-plots"]) == 0
+    assert ran == []
+    assert "0 to run" in capsys.readouterr().out
+    # a third seed: only its runs
+    assert frontier.main([*common, "--workers", "1", "--no-plots", "--seeds", "3"]) == 0
+    assert len(ran) == n_points and all(name.endswith("-s2") for name in ran)
+    # one more training step: every training run again, the base model stays cached
+    ran.clear()
+    assert frontier.main([*common, "--workers", "1", "--no-plots", "--steps", "3"]) == 0
+    assert len(ran) == 2 * n_points and not any(name.startswith("base") for name in ran)
+    run = json.loads((out / "frontier" / "frontier.json").read_text())["runs"][0]
+    assert run["spec"]["train"]["steps"] == 3
+
+
+def test_frontier_shares_a_run_between_curves(demo_env):
+    """DISeL x5 at LoRA's learning rate is a point of two curves (gate ratio, and x5 over learning rates): one run."""
+    import frontier
+
+    model_dir, out = demo_env
+    args = frontier.parse_args(["--model", str(model_dir), "--cache", str(out), "--out", str(out / "fr")])
+    fr = frontier.Frontier(args)
+    settings = frontier.settings_for(frontier.BUDGETS["default"], rank=8)
+    # the bottleneck gate stays below the rank, which DiselConfig requires
+    assert [s.gate_bottleneck_dim for s in settings if s.gate_bottleneck_dim] == [4]
+    assert [
+        s.gate_bottleneck_dim for s in frontier.settings_for(frontier.BUDGETS["default"], 16) if s.gate_bottleneck_dim
+    ] == [8]
+    x5 = [s for s in settings if s.method == "disel" and s.lr == frontier.LORA_LR and s.gate_lr_ratio == 5.0]
+    assert {s.curve for s in x5} == {"DISeL gate lr ratio", "DISeL x5 lr", "DISeL bottleneck gate"}
+    paths = {s.curve: fr.job(s, 0)["path"] for s in x5}
+    assert paths["DISeL gate lr ratio"] == paths["DISeL x5 lr"] != paths["DISeL bottleneck gate"]
+    lora = [s for s in settings if s.method == "lora"]
+    assert len({fr.job(s, seed)["path"] for s in lora for seed in (0, 1)}) == 2 * len(lora)
+
+
+def _fake_run(acc, cost_percent):
+    """A run result with target accuracy `acc` (%) and every perplexity `cost_percent` above the base's 10."""
+    return {"target_acc": acc / 100, "ppl": {"a": 10 * (1 + cost_percent / 100)}, "sentiment_acc": 0.5}
+
+
+def _summary(disel_points, lora_points=((10, 10), (20, 20), (30, 30)), spread=0.0):
+    """A frontier summary from made-up runs: two seeds per point, at (acc, cost) +- `spread`."""
+    from frontier import LORA_LR, Setting
+    from report import frontier_summary
+
+    lora = [Setting("LoRA lr", "lora", lr) for lr in (2.5e-4, 5e-4, 1e-3)][: len(lora_points)]
+    disel = [Setting("DISeL gate lr ratio", "disel", LORA_LR, float(g)) for g in (1, 5, 10)][: len(disel_points)]
+    runs = {}
+    for s, (acc, cost) in zip(lora + disel, [*lora_points, *disel_points]):
+        runs[(s, 0)] = _fake_run(acc, cost - spread)
+        runs[(s, 1)] = _fake_run(acc, cost + spread)
+    base = {"target_acc": 0.0, "ppl": {"a": 10.0}, "sentiment_acc": 0.5}
+    return frontier_summary(base, runs, lora + disel, [0, 1], n_boot=500)
+
+
+def test_frontier_verdict_interpolates_along_loras_curve():
+    from report import interpolate_cost, verdict_lines
+
+    assert interpolate_cost([(10, 10), (30, 50)], 20) == pytest.approx(30)
+    assert interpolate_cost([(30, 50), (10, 10)], 10) == pytest.approx(10)
+    assert interpolate_cost([(10, 10), (30, 50)], 35) is None  # no extrapolation
+    # DISeL (x1, x5) at 15% and 25% accuracy, half of LoRA's interpolated cost (15% and 25%)
+    summary = _summary([(15, 7.5), (25, 12.5)], spread=0.5)
+    ref = summary["points"][4]
+    assert ref["knob"] == "x5" and ref["lora_cost"] == pytest.approx(25) and ref["ratio"] == pytest.approx(0.5)
+    assert ref["ratio_lo"] < 0.5 < ref["ratio_hi"] < 1
+    lines = verdict_lines(summary)
+    assert lines[0].startswith("VERDICT:") and "0.50 [" in lines[0]
+    assert "below LoRA's curve at 2 of 2" in lines[1]
+    assert "dominates LoRA at every compared DISeL point" in lines[2]
+
+
+def test_frontier_verdict_says_when_disel_does_not_dominate():
+    from report import verdict_lines
+
+    # x1 costs more than LoRA at its accuracy, x5 is beyond LoRA's most accurate point
+    lines = verdict_lines(_summary([(20, 30), (40, 5)]))
+    assert "no matched comparison" in lines[0] and "outside LoRA's accuracy range" in lines[0]
+    assert any(line.startswith("DISeL does not clearly dominate LoRA at: DISeL gate lr x1") for line in lines)
+    assert "1.50" in " ".join(lines)
+    assert any("at least as accurate as LoRA at lr 0.00025, lr 0.0005, lr 0.001, at no more cost" in x for x in lines)
+    # one seed: a ratio without an interval, and the output says so
+    from frontier import Setting
+    from report import frontier_summary
+
+    lora = [Setting("LoRA lr", "lora", 1e-3), Setting("LoRA lr", "lora", 2e-3)]
+    ref = Setting("DISeL gate lr ratio", "disel", 1e-3, 5.0)
+    runs = {(lora[0], 0): _fake_run(10, 10), (lora[1], 0): _fake_run(30, 30), (ref, 0): _fake_run(20, 10)}
+    base = {"target_acc": 0.0, "ppl": {"a": 10.0}, "sentiment_acc": 0.5}
+    lines = verdict_lines(frontier_summary(base, runs, [*lora, ref], [0]))
+    assert "0.50 (one seed: no interval)" in lines[0]
+
+
+def test_frontier_compares_with_loras_pareto_points_only():
+    """A LoRA setting that another beats on both axes (here the highest learning rate: less accurate, more costly)
+    is not part of the curve DISeL is compared with."""
+    from report import interpolate_cost, pareto
+
+    assert pareto([(10, 10), (30, 30), (20, 40)]) == [(10, 10), (30, 30)]
+    assert interpolate_cost([(10, 10), (30, 30), (20, 40)], 25) == pytest.approx(25)
+    summary = _summary([(25, 20)], lora_points=((10, 10), (30, 30), (20, 40)))
+    p = summary["points"][3]
+    assert p["lora_cost"] == pytest.approx(25) and p["ratio"] == pytest.approx(0.8)
+    assert p["beats"] == ["lr 0.001"] and p["beaten_by"] == []

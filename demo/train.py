@@ -11,7 +11,7 @@ On a bitsandbytes 4-bit/8-bit base (QLoRA), the model first goes through `peft.p
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,10 @@ class TrainConfig:
     warmup: float = 0.1
     gate_bias_init: float = -3.0
     gate_lr_ratio: float = 5.0
+    gate_bottleneck_dim: int | None = None  # DISeL's low-rank gate (DiselConfig.gate_bottleneck_dim)
     seed: int = 0
     quantized: bool = False  # a bitsandbytes base: prepare_model_for_kbit_training before adding the adapter
     gradient_checkpointing: bool = False  # on a quantized base only (prepare_model_for_kbit_training's option)
-    extra: dict = field(default_factory=dict)
 
 
 def lora_config(method: str, cfg: TrainConfig):
@@ -56,7 +56,7 @@ def lora_config(method: str, cfg: TrainConfig):
         "task_type": "CAUSAL_LM",
     }
     if method == "disel":
-        disel = DiselConfig(gate_bias_init=cfg.gate_bias_init)
+        disel = DiselConfig(gate_bias_init=cfg.gate_bias_init, gate_bottleneck_dim=cfg.gate_bottleneck_dim)
         return LoraConfig(use_disel=True, disel_config=disel, **kwargs)
     if method == "dora":
         return LoraConfig(use_dora=True, **kwargs)
