@@ -16,7 +16,7 @@ DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC)' | cat - tooling/require
 
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
-	@echo "make frontier       DISeL's and LoRA's gain-vs-retention curves over their knobs and seeds (~75 min)"
+	@echo "make frontier       DISeL's and LoRA's gain-vs-retention curves over their knobs and seeds (~77 min)"
 	@echo "make test           install, then our tests + upstream's test files, patched vs pristine, offline"
 	@echo "make install        .venv with torch ($(TORCH_SPEC)), the test deps and the patched peft (editable)"
 	@echo "make tree           materialise build/peft: pristine sdist + patches/ + our files (symlinked)"
@@ -136,7 +136,7 @@ $(DEMO_SDIST):
 demo: install $(DEMO_MODEL_STAMP) $(DEMO_SDIST)
 	$(PY) demo/run_demo.py $(DEMO_ARGS)
 
-# the gain-vs-retention frontier of DISeL and LoRA over their knobs and seeds (~75 min on 2 cores; runs are cached in
+# the gain-vs-retention frontier of DISeL and LoRA over their knobs and seeds (77 min measured on 2 cores; runs are cached in
 # build/frontier/runs/): FRONTIER_ARGS="--quick" for a first look, "--large" for more seeds and steps
 frontier: install $(DEMO_MODEL_STAMP) $(DEMO_SDIST)
 	$(PY) demo/frontier.py $(FRONTIER_ARGS)

@@ -15,7 +15,8 @@ run is cached under `--out`/runs/ by a hash of its settings, so a rerun resumes 
 it changes; the base model is evaluated once. Runs go to `--workers` processes of one torch thread each.
 
 Outputs under `--out` (default build/frontier/): frontier.png (target accuracy vs retention cost, mean over seeds with
-error bars), frontier.md (the table and the verdict), frontier.json (every run and the summary). The verdict is
+error bars), frontier.md (the table and the verdict), frontier.json (every run and the summary); with --quick or
+--large they are named frontier-quick.* or frontier-large.*, next to the default's. The verdict is
 computed from the runs: at DISeL's target accuracy, its retention cost as a fraction of LoRA's, interpolated along
 LoRA's curve, with a bootstrap interval over seeds.
 """
@@ -71,7 +72,7 @@ class Setting:
 
 
 BUDGETS = {
-    # ~75 min on a 2-core CPU with 2 workers
+    # 77 min measured on a 2-core CPU with 2 workers
     "default": {
         "steps": 80,
         "seeds": 2,
@@ -81,7 +82,7 @@ BUDGETS = {
         "disel_lrs": (5e-4, 2e-3),
         "extras": True,
     },
-    # a first look in ~10 min: fewer points, fewer steps and test problems, one seed
+    # a first look (11 min measured on 2 cores): fewer points, fewer steps and test problems, one seed
     "quick": {
         "steps": 40,
         "seeds": 1,
@@ -367,6 +368,7 @@ def run(args) -> int:
     t_start = time.time()
     budget = args.budget
     fr = Frontier(args)
+    stem = "frontier" if args.budget_name == "default" else f"frontier-{args.budget_name}"
     settings = settings_for(budget, args.rank)
     seeds = list(range(budget["seeds"]))
     base_job = fr.job(None, None)
@@ -386,7 +388,7 @@ def run(args) -> int:
     if not args.no_plots:
         png = plot_frontier(
             summary,
-            str(fr.out / "frontier.png"),
+            str(fr.out / f"{stem}.png"),
             title=(
                 f"{args.model}: {budget['steps']} steps x {args.batch_size}, r={args.rank}, {len(seeds)} seed(s) per "
                 f"point, {budget['n_test']} test problems"
@@ -405,20 +407,20 @@ def run(args) -> int:
         "runs": [{"setting": asdict(s), "seed": seed, **r} for (s, seed), r in runs.items()],
         "base": base,
     }
-    (fr.out / "frontier.json").write_text(json.dumps(report, indent=2, default=str))
+    (fr.out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     timing = (
         f"{len(done)} runs (base model included), {run_seconds / 60:.0f} min of run time summed over them; this "
         f"invocation: {wall:.0f} s wall with {fr.workers} worker(s) (cached runs are not rerun)"
     )
     md = [tbl, "", *[f"- {line}" for line in lines], "", timing]
-    (fr.out / "frontier.md").write_text("\n".join(md) + "\n")
+    (fr.out / f"{stem}.md").write_text("\n".join(md) + "\n")
     log("")
     log(tbl)
     log("")
     for line in lines:
         log(line)
     log("")
-    log(f"{timing}; {fr.out / 'frontier.md'}, {fr.out / 'frontier.json'}")
+    log(f"{timing}; {fr.out / (stem + '.md')}, {fr.out / (stem + '.json')}")
     if png:
         log(f"frontier plot: {png}")
     return 0

@@ -281,7 +281,7 @@ def test_frontier_runs_caches_and_reruns_only_what_changed(demo_env, monkeypatch
     model_dir, out = demo_env
     common = ["--model", str(model_dir), "--cache", str(out), "--out", str(out / "frontier"), *TINY_FRONTIER]
     assert frontier.main([*common, "--workers", "2"]) == 0  # the runs in 2 worker processes
-    report = json.loads((out / "frontier" / "frontier.json").read_text())
+    report = json.loads((out / "frontier" / "frontier-quick.json").read_text())
     quick = frontier.BUDGETS["quick"]
     n_points = len(quick["lora_lrs"]) + len(quick["gate_ratios"])
     assert len(report["summary"]["points"]) == n_points
@@ -292,8 +292,8 @@ def test_frontier_runs_caches_and_reruns_only_what_changed(demo_env, monkeypatch
     assert len(list(runs_dir.glob("base-*.json"))) == 1  # the base model is evaluated once
     assert "train lora" in next(runs_dir.glob("lora-*.log")).read_text()  # a run's progress bars go to its log
     assert report["verdict"][0].startswith("VERDICT:")
-    assert (out / "frontier" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| curve |" in (out / "frontier" / "frontier.md").read_text()
+    assert (out / "frontier" / "frontier-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| curve |" in (out / "frontier" / "frontier-quick.md").read_text()
 
     ran = []
     real_run_job = frontier.run_job
@@ -309,7 +309,7 @@ def test_frontier_runs_caches_and_reruns_only_what_changed(demo_env, monkeypatch
     ran.clear()
     assert frontier.main([*common, "--workers", "1", "--no-plots", "--steps", "3"]) == 0
     assert len(ran) == 2 * n_points and not any(name.startswith("base") for name in ran)
-    run = json.loads((out / "frontier" / "frontier.json").read_text())["runs"][0]
+    run = json.loads((out / "frontier" / "frontier-quick.json").read_text())["runs"][0]
     assert run["spec"]["train"]["steps"] == 3
 
 
