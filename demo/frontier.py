@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE))
 
 from data import DataError, build_data  # noqa: E402
 from model import DEFAULT_MODEL, DemoError, load_model, resolve_model  # noqa: E402
+from run_demo import add_setting_args, evaluate_model, train_config, write_json  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 
@@ -135,18 +136,8 @@ def parse_args(argv=None):
         "--workers", type=int, default=None, help="parallel runs, one torch thread each (default: cores, at most 8)"
     )
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over seeds for the verdict")
-    # the demo's fixed settings; exposed so that a test can run the frontier on a tiny model
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    p.add_argument("--layers", default="20-29")
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-sentiment", type=int, default=100)
-    p.add_argument("--ppl-chunks", type=int, default=4)
-    p.add_argument("--ppl-seq-len", type=int, default=256)
-    p.add_argument("--eval-batch-size", type=int, default=25)
-    p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
+    add_setting_args(p)  # the demo's settings, the same for every run
     args = p.parse_args(argv)
     budget = dict(BUDGETS["quick" if args.quick else "large" if args.large else "default"])
     for key in ("seeds", "steps", "n_test"):
@@ -208,20 +199,7 @@ class Frontier:
         load_data(cache, self.data_spec)  # extracts the data once, before the workers read them
 
     def train_config(self, setting: Setting, seed: int):
-        from run_demo import parse_layers
-        from train import TrainConfig
-
-        a = self.args
-        cfg = TrainConfig(
-            rank=a.rank,
-            alpha=2 * a.rank,
-            targets=tuple(t.strip() for t in a.targets.split(",") if t.strip()),
-            layers=parse_layers(a.layers),
-            steps=a.budget["steps"],
-            batch_size=a.batch_size,
-            lr=setting.lr,
-            seed=seed,
-        )
+        cfg = train_config(self.args, steps=self.args.budget["steps"], lr=setting.lr, seed=seed)
         if setting.method == "disel":
             cfg = replace(cfg, gate_lr_ratio=setting.gate_lr_ratio, gate_bottleneck_dim=setting.gate_bottleneck_dim)
         return cfg
@@ -337,7 +315,6 @@ def run_job(job: dict) -> dict:
     """Train (unless it is the base model) and evaluate one run; its result is written to the job's cache file."""
     import torch
     from evaluate import text_chunks
-    from run_demo import evaluate_model, write_json
     from train import TrainConfig, train
 
     torch.set_num_threads(1)

@@ -96,10 +96,10 @@ def plot_gain_vs_retention(results: dict, path: str, title: str = "") -> str:
 
 CURVE_LABELS = {
     "LoRA lr": "LoRA: learning rate",
-    "DISeL gate lr ratio": "DISeL: gate lr ratio (lr 1e-3)",
+    "DISeL gate lr ratio": "DISeL: gate lr ratio (lr {lr:g})",
     "DISeL x5 lr": "DISeL x5: learning rate",
-    "DISeL bottleneck gate": "DISeL x5, bottleneck gate (lr 1e-3)",
-    "DoRA": "DoRA (lr 1e-3)",
+    "DISeL bottleneck gate": "DISeL x5, bottleneck gate (lr {lr:g})",
+    "DoRA": "DoRA (lr {lr:g})",
 }
 CURVE_STYLE = {
     "LoRA lr": ("tab:blue", "o", "-"),
@@ -191,7 +191,8 @@ def frontier_summary(base, runs, settings, seeds, n_boot=2000, boot_seed=0):
         if d and len(inside) >= MIN_INSIDE * len(d):
             p["ratio_lo"] = inside[round(0.05 * (len(inside) - 1))]
             p["ratio_hi"] = inside[round(0.95 * (len(inside) - 1))]
-    acc_range = (min(a for a, _ in lora_curve), max(a for a, _ in lora_curve)) if lora_curve else None
+    front = pareto(lora_curve)  # the accuracies interpolate_cost covers
+    acc_range = (front[0][0], front[-1][0]) if front else None
     n_test = base.get("n_problems") or 0
     acc = base["target_acc"] if not lora else max(p["acc_mean"] for p in lora) / 100
     return {
@@ -367,7 +368,7 @@ def plot_frontier(summary, path: str, title: str = "") -> str:
             color=color,
             markersize=7,
             capsize=3,
-            label=CURVE_LABELS.get(curve, curve),
+            label=CURVE_LABELS.get(curve, curve).format(lr=pts[0]["lr"]),
             zorder=3,
         )
         if len(pts) > 1:

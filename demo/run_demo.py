@@ -79,35 +79,18 @@ def parse_args(argv=None):
         "activations of short problems are small and it costs time)",
     )
     p.add_argument("--steps", type=int, default=80, help="optimizer steps per method")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=int, default=None, help="lora_alpha (default: 2 x rank)")
-    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    p.add_argument("--layers", default="20-29", help="layers to adapt: 'all', 'a-b' or '0,3,5' (default: top 10)")
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate, the same for every method")
-    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--gate-lr-ratio", type=float, default=5.0, help="DISeL gate lr / LoRA lr (paper: 5)")
-    p.add_argument("--gate-bias", type=float, default=-3.0, help="DISeL gate bias init (paper: -3)")
     p.add_argument("--methods", default="lora,disel", help="comma list of lora, disel, dora")
     p.add_argument("--with-dora", action="store_true", help="also fine-tune DoRA (use_dora=True) as a reference")
-    p.add_argument("--n-train", type=int, default=2000, help="training problems (a pool; steps x batch are drawn)")
     p.add_argument("--n-val", type=int, default=100)
     p.add_argument("--n-test", type=int, default=150)
-    p.add_argument("--n-sentiment", type=int, default=100)
-    p.add_argument("--ppl-chunks", type=int, default=4, help="windows per retention text")
-    p.add_argument("--ppl-seq-len", type=int, default=256)
-    p.add_argument("--eval-batch-size", type=int, default=25)
     p.add_argument("--eval-on", choices=("test", "val"), default="test", help="'val' for tuning (see above)")
     p.add_argument("--results-name", default=None, help="results file name (default results.json / val_results.json)")
     p.add_argument(
         "--seed", type=int, default=0, help="training seed: adapter init and the order of training problems"
     )
-    p.add_argument(
-        "--data-seed",
-        type=int,
-        default=0,
-        help="seed of the problem sets and of the retention and sentiment samples (the same for every training seed)",
-    )
+    add_setting_args(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -116,6 +99,44 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
+
+
+def add_setting_args(p):
+    """The settings the demo and the frontier (demo/frontier.py) share: adapter, batch, data and evaluation sets."""
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=int, default=None, help="lora_alpha (default: 2 x rank)")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--layers", default="20-29", help="layers to adapt: 'all', 'a-b' or '0,3,5' (default: top 10)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--gate-bias", type=float, default=-3.0, help="DISeL gate bias init (paper: -3)")
+    p.add_argument("--n-train", type=int, default=2000, help="training problems (a pool; steps x batch are drawn)")
+    p.add_argument("--n-sentiment", type=int, default=100)
+    p.add_argument("--ppl-chunks", type=int, default=4, help="windows per retention text")
+    p.add_argument("--ppl-seq-len", type=int, default=256)
+    p.add_argument("--eval-batch-size", type=int, default=25)
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="seed of the problem sets and of the retention and sentiment samples (the same for every training seed)",
+    )
+
+
+def train_config(args, **run):
+    """The TrainConfig of `add_setting_args`' settings; `run` gives the rest (steps, lr, seed, ...)."""
+    from train import TrainConfig
+
+    return TrainConfig(
+        rank=args.rank,
+        alpha=args.alpha or 2 * args.rank,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        layers=parse_layers(args.layers),
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        gate_bias_init=args.gate_bias,
+        **run,
+    )
 
 
 def output_dir(args) -> Path:
@@ -189,7 +210,7 @@ def run(args) -> int:
     import torch
     from evaluate import text_chunks
     from report import plot_gain_vs_retention, table
-    from train import METHODS, TrainConfig, train
+    from train import METHODS, train
 
     t_start = time.time()
     if args.threads:
@@ -226,16 +247,10 @@ def run(args) -> int:
         args.data_seed,
         log=log,
     )
-    cfg = TrainConfig(
-        rank=args.rank,
-        alpha=args.alpha or 2 * args.rank,
-        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-        layers=parse_layers(args.layers),
+    cfg = train_config(
+        args,
         steps=args.steps,
-        batch_size=args.batch_size,
         lr=args.lr,
-        weight_decay=args.weight_decay,
-        gate_bias_init=args.gate_bias,
         gate_lr_ratio=args.gate_lr_ratio,
         seed=args.seed,
         quantized=quantize is not None,
