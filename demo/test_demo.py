@@ -69,8 +69,9 @@ def build_tiny_model(folder: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        # widths that real models have (multiples of 64): bitsandbytes' CPU kernels reject less on some CPUs
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -162,11 +163,27 @@ def test_demo_qlora_4bit(demo_env, monkeypatch):
     pytest.importorskip("bitsandbytes")
     import train as demo_train
 
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+
+    def repacked(model):
+        # bitsandbytes repacks a 4-bit weight at the first eval forward on CPUs with AVX512-BF16; training such a layer
+        # loses gradients (gemv_4bit has no autograd kernel), so the demo must never train a model it evaluated
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers
+        return sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in layers)
+
     # the adapted layers as the demo trains them: LoRA layers of peft's bitsandbytes integration
-    adapted = set()
-    real_train = demo_train.train
+    adapted, packed_at_training, packed_after_eval = set(), [], []
+    real_train, real_evaluate = demo_train.train, run_demo.evaluate_model
+
+    def evaluate_spy(model, *args, **kwargs):
+        res = real_evaluate(model, *args, **kwargs)
+        packed_after_eval.append(repacked(model))
+        return res
 
     def spy(model, *args, **kwargs):
+        packed_at_training.append(repacked(model))
         peft_model, info = real_train(model, *args, **kwargs)
         adapted.update(
             type(m).__module__ + "." + type(m).__name__ for m in peft_model.modules() if hasattr(m, "lora_A")
@@ -174,10 +191,14 @@ def test_demo_qlora_4bit(demo_env, monkeypatch):
         return peft_model, info
 
     monkeypatch.setattr(demo_train, "train", spy)
+    monkeypatch.setattr(run_demo, "evaluate_model", evaluate_spy)
     model_dir, out = demo_env
     rc = run_demo.main(["--model", str(model_dir), "--out", str(out), "--quantize", "4bit", *SMALL])
     assert rc == 0
     assert adapted == {"peft.tuners.lora.bnb.Linear4bit"}
+    assert packed_at_training == [0, 0]  # each method trains a freshly loaded base
+    # the evaluations ran the kernel this CPU has: repacked where bitsandbytes repacks, dequantized elsewhere
+    assert len(packed_after_eval) == 3 and all(n > 0 for n in packed_after_eval) == bool(bnb_functional.has_avx512bf16())
     # outputs in their own folder, next to (not over) the full-precision ones; the caches are shared
     assert not (out / "results.json").exists()
     qdir = out / "qlora-4bit"
