@@ -161,10 +161,9 @@ def test_demo_end_to_end(demo_env, capsys):
 
 def test_demo_qlora_4bit(demo_env, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    import train as demo_train
-
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnb_functional
+    import train as demo_train
 
     def repacked(model):
         # bitsandbytes repacks a 4-bit weight at the first eval forward on CPUs with AVX512-BF16; training such a layer
@@ -198,7 +197,9 @@ def test_demo_qlora_4bit(demo_env, monkeypatch):
     assert adapted == {"peft.tuners.lora.bnb.Linear4bit"}
     assert packed_at_training == [0, 0]  # each method trains a freshly loaded base
     # the evaluations ran the kernel this CPU has: repacked where bitsandbytes repacks, dequantized elsewhere
-    assert len(packed_after_eval) == 3 and all(n > 0 for n in packed_after_eval) == bool(bnb_functional.has_avx512bf16())
+    assert len(packed_after_eval) == 3 and all(n > 0 for n in packed_after_eval) == bool(
+        bnb_functional.has_avx512bf16()
+    )
     # outputs in their own folder, next to (not over) the full-precision ones; the caches are shared
     assert not (out / "results.json").exists()
     qdir = out / "qlora-4bit"
