@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Tests of the conversion of checkpoints of the reference `disel` package (github.com/alizindari/DISeL).
+"""Tests of DISeL checkpoints in other formats: the reference `disel` package (github.com/alizindari/DISeL), converted
+with `python -m peft.tuners.lora.disel_reference`, and the first release of this build (disel.1).
 
 The fixtures are written here from that package's documented format (see `disel_reference.py`), and the expected
 outputs are computed directly from the fixture tensors with the reference's math: per linear layer
@@ -23,16 +24,17 @@ import json
 import math
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file as safe_load_file
 from safetensors.torch import save_file as safe_save_file
 from torch import nn
 
-from peft import DiselConfig, LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import DiselConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import disel_reference
 
 
@@ -157,26 +159,11 @@ def reference_forward(base, layers, ids, normalize):
     return h
 
 
-def load_converted(model_dir):
-    """What `PeftModel.from_pretrained` has to do with a reference checkpoint, step by step."""
-    with open(os.path.join(model_dir, "adapter_config.json")) as f:
-        config_dict = json.load(f)
-    assert disel_reference.is_reference_disel_config(config_dict)
-    config = LoraConfig(**disel_reference.convert_reference_disel_config(config_dict))
-    model = get_peft_model(make_base(), config).eval()
-
-    state_dict = safe_load_file(os.path.join(model_dir, "adapter_model.safetensors"))
-    state_dict = disel_reference.merge_reference_gate_files(state_dict, model_dir)
-    assert disel_reference.is_reference_disel_state_dict(state_dict)
-    state_dict = disel_reference.convert_reference_disel_state_dict(
-        state_dict,
-        gate_normalize=config.disel_config.gate_normalize,
-        gate_bottleneck_dim=config.disel_config.gate_bottleneck_dim,
-    )
-    result = set_peft_model_state_dict(model, state_dict)
-    assert not result.unexpected_keys
-    assert not [key for key in result.missing_keys if "lora_" in key]
-    return model, config
+def load_converted(src, dst):
+    """Convert with the command-line entry point, then load with plain `PeftModel.from_pretrained`."""
+    assert disel_reference.main([str(src), str(dst)]) == 0
+    model = PeftModel.from_pretrained(make_base(), str(dst)).eval()
+    return model, model.peft_config["default"]
 
 
 IDS = torch.tensor([[0, 3, 5, 15], [7, 1, 2, 9]])
@@ -198,9 +185,8 @@ def test_reference_checkpoint_matches_reference_forward(tmp_path, case):
     config_dict = reference_config_dict(bottleneck, normalize, rank_pattern)
     write_reference_checkpoint(tmp_path, layers, config_dict, layout, container)
 
-    model, config = load_converted(tmp_path)
-    assert config.use_disel
-    assert config.disel_config == DiselConfig(
+    model, config = load_converted(tmp_path, tmp_path / "converted")
+    assert config.use_disel == DiselConfig(
         gate_bias_init=-3.0, gate_weight_init="random", gate_normalize=normalize, gate_bottleneck_dim=bottleneck
     )
     gate = model.base_model.model.lin0.lora_disel_gate["default"]
@@ -220,44 +206,77 @@ def test_bottleneck_not_below_rank_is_folded_into_a_full_gate(tmp_path):
     layers = make_reference_tensors(bottleneck=R)
     write_reference_checkpoint(tmp_path, layers, reference_config_dict(bottleneck=R, normalize=True))
     with pytest.warns(UserWarning, match="converted to full gates"):
-        model, config = load_converted(tmp_path)
-    assert config.disel_config.gate_bottleneck_dim is None
+        model, config = load_converted(tmp_path, tmp_path / "converted")
+    assert config.use_disel.gate_bottleneck_dim is None
     assert model.base_model.model.lin0.lora_disel_gate["default"].weight_up is None
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), reference_forward(make_base(), layers, IDS, True), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "bottleneck, normalize, layout",
-    [(None, False, "adapter"), (2, True, "adapter"), (None, False, "safetensors"), (2, True, "pt")],
-)
-def test_plain_from_pretrained_loads_reference_checkpoints(tmp_path, bottleneck, normalize, layout):
-    # plain PeftModel.from_pretrained: the config, the gate keys and a separate gate file are converted on the way, with
-    # one warning that says so and no warning about unknown config keys or missing adapter keys
-    layers = make_reference_tensors(bottleneck=bottleneck)
-    config = reference_config_dict(bottleneck=bottleneck, normalize=normalize)
-    write_reference_checkpoint(tmp_path / "ref", layers, config, layout)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(make_base(), str(tmp_path / "ref")).eval()
-    messages = [str(w.message) for w in record]
-    assert sum("Converted a checkpoint of the standalone DISeL reference package" in m for m in messages) == 1
-    assert not any("Unexpected keyword" in m or "missing adapter keys" in m for m in messages), messages
-    assert model.peft_config["default"].use_disel
-    expected = reference_forward(make_base(), layers, IDS, normalize)
-    with torch.no_grad():
-        torch.testing.assert_close(model(IDS), expected, rtol=1e-5, atol=1e-5)
+def test_unconverted_reference_checkpoint_gives_the_conversion_command(tmp_path):
+    # never a silent plain-LoRA load, and the same answer from every loader
+    write_reference_checkpoint(tmp_path, make_reference_tensors(), reference_config_dict())
+    for load in (
+        lambda: PeftModel.from_pretrained(make_base(), str(tmp_path)),
+        lambda: PeftConfig.from_pretrained(str(tmp_path)),
+        lambda: LoraConfig.from_pretrained(str(tmp_path)),
+    ):
+        with pytest.raises(ValueError, match=r"python -m peft\.tuners\.lora\.disel_reference <reference checkpoint"):
+            load()
 
-    # saved again, it is this build's format, and loads without conversion
-    model.save_pretrained(tmp_path / "ours")
-    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert saved["use_disel"] is True and not any(k.startswith("disel_gate_") for k in saved)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        reloaded = PeftModel.from_pretrained(make_base(), str(tmp_path / "ours")).eval()
-    assert not any("reference package" in str(w.message) for w in record)
+
+def test_command_line(tmp_path):
+    layers = make_reference_tensors(bottleneck=2)
+    config = reference_config_dict(bottleneck=2, normalize=True)
+    config["disel_gate_lr_multiplier"] = 3.0
+    write_reference_checkpoint(tmp_path / "ref", layers, config, layout="safetensors")
+    (tmp_path / "ref" / "README.md").write_text("my adapter")
+    cmd = [sys.executable, "-m", "peft.tuners.lora.disel_reference", str(tmp_path / "ref"), str(tmp_path / "new")]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert "gate_lr_ratio=3" in out
+    assert sorted(os.listdir(tmp_path / "new")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    saved = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert saved["use_disel"]["gate_bottleneck_dim"] == 2 and not any(k.startswith("disel_gate_") for k in saved)
+    model = PeftModel.from_pretrained(make_base(), str(tmp_path / "new")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(IDS), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(IDS), reference_forward(make_base(), layers, IDS, True), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not empty"):  # nothing is overwritten
+        disel_reference.main([str(tmp_path / "ref"), str(tmp_path / "new")])
+
+
+@pytest.mark.parametrize("options", [{}, {"gate_bottleneck_dim": 2, "gate_normalize": True, "gate_bias_init": -5.0}])
+def test_adapters_of_the_first_release_load_exactly(tmp_path, options):
+    # disel.1 saved `"use_disel": true` and the options in `"disel_config"`; the weights had the same keys
+    torch.manual_seed(1)
+    config = LoraConfig(
+        r=R, target_modules=["emb", "lin0", "lin1"], init_lora_weights=False, use_disel=options or True
+    )
+    model = get_peft_model(make_base(), config).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    saved["disel_config"], saved["use_disel"] = saved["use_disel"], True
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unexpected keyword" warning: nothing is dropped
+        loaded = PeftModel.from_pretrained(make_base(), str(tmp_path)).eval()
+    assert loaded.peft_config["default"].use_disel == DiselConfig(**options)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS), model(IDS))
+
+
+def test_a_plain_lora_adapter_loads_without_any_disel_code(tmp_path):
+    # a file named like a reference gate file is left alone, and the conversion module is never imported
+    base = "torch.manual_seed(0); base = torch.nn.Sequential(torch.nn.Linear(12, 10))"
+    save = f"""import torch; from peft import LoraConfig, get_peft_model; {base}
+get_peft_model(base, LoraConfig(target_modules=["0"], init_lora_weights=False)).save_pretrained({str(tmp_path)!r})"""
+    subprocess.run([sys.executable, "-c", save], check=True)
+    clash = {"base_model.model.0.lora_A.weight": torch.zeros(8, 12)}
+    safe_save_file(clash, str(tmp_path / "gate_weights.safetensors"))
+    load = f"""import sys, torch; from peft import PeftModel; {base}
+model = PeftModel.from_pretrained(base, {str(tmp_path)!r})
+print(float(model.base_model.model[0].lora_A["default"].weight.abs().sum()), "disel_reference" in str(sys.modules))"""
+    out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, check=True).stdout.split()
+    assert float(out[0]) > 0 and out[1] == "False"  # the saved lora_A, not the file's zeros
 
 
 def test_config_detection_and_conversion():
@@ -266,8 +285,7 @@ def test_config_detection_and_conversion():
     assert disel_reference.is_reference_disel_config(ref)
     converted = disel_reference.convert_reference_disel_config(ref)
     assert not set(disel_reference.REFERENCE_CONFIG_KEYS) & set(converted)
-    assert converted["use_disel"] is True
-    assert converted["disel_config"] == {
+    assert converted["use_disel"] == {
         "gate_bias_init": -3.0,
         "gate_weight_init": "random",
         "gate_normalize": True,
@@ -289,7 +307,7 @@ def test_config_detection_and_conversion():
 
     # missing reference keys take the reference's defaults
     partial = disel_reference.convert_reference_disel_config({"peft_type": "LORA", "disel_gate_normalize": True})
-    assert partial["disel_config"] == {
+    assert partial["use_disel"] == {
         "gate_bias_init": -3.0,
         "gate_weight_init": "random",
         "gate_normalize": True,

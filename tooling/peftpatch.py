@@ -1,25 +1,29 @@
 #!/usr/bin/env python3
-"""Build a patched `peft` from the pinned upstream sdist, our topic patch series and our new files.
+"""Build a patched `peft` from the pinned upstream sdist and our topic series, and emit the upstream pull requests.
 
-The change to upstream is an ordered series of topic patches (`patches/series`, one `git format-patch` commit each).
-The development tree build/peft/ is a git repository: the pristine sdist (tag `upstream-<version>`) plus one commit per
-topic, with our new files symlinked in (git ignores them there). Each topic's commit message ends with DEP-3 style
-fields: `Forwarded:` and `Files:`, the globs of our new files that the topic introduces.
+The change to upstream is an ordered series of topics (`patches/series`). Each topic is one commit of the development
+tree build/peft/ (a git repository of the pristine sdist, tagged `upstream-<version>`), and is stored here as:
+
+- the files it adds, as real files at their upstream paths (src/..., tests/..., docs/..., examples/...), as that
+  commit has them;
+- everything else it changes (upstream files, and files that an earlier topic added) as a `git format-patch` file in
+  patches/, whose header ends with the fields `Topic:` (its name), `Depends:` (the topics it needs, for an upstream
+  pull request), `Forwarded:` (`no`, or `not-needed` for a fork-only topic) and `Files:` (the files it adds).
 
 Subcommands (run from the repository root; the Makefile wraps them):
 
     tree         materialise build/peft (never discards commits or edits that are not in patches/)
     reset-tree   throw build/peft away and materialise it again
-    patches      regenerate patches/ from the commits of build/peft (`git format-patch`)
-    check        the series applies to the checksum-verified sdist, build/peft is in sync, every new file has a topic
-    release DIR  a self-contained patched source tree (copies, no symlinks), as `pip install .` builds it
+    patches      write build/peft's commits back to patches/ and to our files
+    check        the series applies to the checksum-verified sdist, each pull request applies to the pristine sdist
+                 plus the topics it depends on, build/peft is in sync, and every file of ours has a topic
+    release DIR  a self-contained patched source tree, as `pip install .` builds it
     pristine DIR the unpatched sdist (for the regression comparison)
-    pr           the upstream pull request in dist/pr/: each topic's commit with its new files; with PEFT_REPO=...,
-                 also applied to a peft checkout together with patches/pr-only/ (files the sdist lacks)
+    pr           one pull request per upstream-bound topic in dist/pr/<n>-<topic>/; with PEFT_REPO=..., also one branch
+                 per pull request in that peft checkout, with the patches of patches/pr-only/ that belong to it
 """
 
 import argparse
-import fnmatch
 import hashlib
 import os
 import re
@@ -38,19 +42,11 @@ PR_ONLY = PATCHES / "pr-only"
 TREE = BUILD / "peft"
 # Trees whose files are new files at their upstream path (never a copy of an upstream file).
 UPSTREAM_TREES = ("src", "tests", "docs", "examples", "method_comparison")
-# Files that get the local version stamp; the stamp is a build step, never part of a patch or of the PR.
+# Files that get the local version stamp; the stamp is a build step, never part of a patch or of a pull request.
 STAMPED = {"src/peft/__init__.py": '__version__ = "{v}"', "setup.py": 'VERSION = "{v}"'}
 # Stable `git format-patch` output: no commit ids, no git version, no "n/m" numbering that shifts with the series.
-FORMAT_PATCH = [
-    "format-patch",
-    "--always",
-    "--zero-commit",
-    "--no-signature",
-    "--no-numbered",
-    "--full-index",
-    "--no-binary",
-]
-FIELDS = ("Forwarded", "Files")
+FORMAT_PATCH = ["format-patch", "--always", "--zero-commit", "--no-signature", "--no-numbered", "--full-index"]
+FIELDS = ("Topic", "Depends", "Forwarded", "Files")
 BUILT_REF = "refs/peftpatch/built"
 GIT_ID = ["-c", "user.name=peftpatch", "-c", "user.email=peftpatch@localhost", "-c", "commit.gpgsign=false"]
 
@@ -147,15 +143,6 @@ def our_files():
     return sorted(str(p.relative_to(ROOT)) for p in found if "__pycache__" not in p.parts)
 
 
-def check_shadowing(upstream):
-    clash = [f for f in our_files() if f in upstream]
-    if clash:
-        raise BuildError(
-            "these files of ours also exist in the pinned sdist; an upstream file may only change through a topic "
-            "patch:\n  " + "\n  ".join(clash)
-        )
-
-
 # --- the series --------------------------------------------------------------------------------------------------
 
 
@@ -170,156 +157,178 @@ def series(directory=PATCHES):
     return patches
 
 
-def message_fields(message):
-    """The DEP-3 style fields (`Forwarded:`, `Files:`) that end a topic's commit message or patch header."""
-    fields = {}
-    for line in message.splitlines():
+def fields(text):
+    """The fields (`Topic:`, `Depends:`, `Forwarded:`, `Files:`) of a commit message or a patch header."""
+    header = text.split("\n---\n", 1)[0]
+    found = {}
+    for line in header.splitlines():
         key, sep, value = line.partition(": ")
         if sep and key in FIELDS:
-            fields[key] = value.strip()
-    return fields
+            found[key] = value.strip()
+    return found
 
 
-def strip_fields(message):
-    return "\n".join(line for line in message.splitlines() if line.partition(": ")[0] not in FIELDS).rstrip() + "\n"
+def with_files_field(header, files):
+    """`header` (a patch header or a commit message) with its `Files:` field set to `files` (dropped if none)."""
+    lines = [line for line in header.rstrip("\n").split("\n") if line.partition(": ")[0] != "Files"]
+    return "\n".join(lines + ([f"Files: {' '.join(files)}"] if files else [])) + "\n"
 
 
-def topic_files(files_field, ours):
-    return [f for f in ours if any(fnmatch.fnmatch(f, glob) for glob in files_field.split())]
+def topics(patches=None):
+    """[(patch, its fields)] in series order, with the fields checked."""
+    result, names = [], set()
+    for patch in patches or series():
+        f = fields(patch.read_text())
+        name = f.get("Topic", "")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name) or name in names:
+            raise BuildError(f"{patch.name}: needs a unique `Topic: <lowercase-name>` field, got {name!r}")
+        missing = set(f.get("Depends", "").split()) - names
+        if missing:
+            raise BuildError(f"{patch.name}: `Depends:` names {sorted(missing)}, which is not an earlier topic")
+        names.add(name)
+        result.append((patch, f))
+    return result
 
 
-def apply_series(tree):
-    """`git apply` each topic patch in order (no repository needed): the release tree and `make check` use this."""
-    for patch in series():
-        if "\ndiff --git " not in patch.read_text():
-            continue  # a topic that adds only new files of ours
+def apply_topic(tree, patch, files):
+    """Apply one topic to `tree` (no repository needed): its patch, then the files it adds."""
+    if "\ndiff --git " in patch.read_text():
         res = git(tree, "apply", "--whitespace=nowarn", str(patch), check=False)
         if res.returncode != 0:
             raise BuildError(
                 f"{patch.relative_to(ROOT)} no longer applies to peft {pin()['PEFT_VERSION']}:\n{res.stderr}\n"
                 "Refresh it: `make tree` stops at the failing patch in build/peft; fix it there, then `make patches`."
             )
-
-
-def stamp_text(path, text):
-    p = pin()
-    old, new = STAMPED[path].format(v=p["PEFT_VERSION"]), STAMPED[path].format(v=p["FULL_VERSION"])
-    if text.count(new) == 1:
-        return text
-    if text.count(old) != 1:
-        raise BuildError(f"cannot stamp the local version into {path}: expected `{old}` exactly once")
-    return text.replace(old, new)
+    for rel in files:
+        if not (ROOT / rel).is_file():
+            raise BuildError(f"{patch.name} adds {rel}, which is not in this repository")
+        (Path(tree) / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, Path(tree) / rel)
 
 
 def stamp(tree):
-    for path in STAMPED:
+    p = pin()
+    for path, pattern in STAMPED.items():
         f = Path(tree) / path
-        f.write_text(stamp_text(path, f.read_text()))
-
-
-def overlay(tree, link):
-    for rel in our_files():
-        dst = Path(tree) / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.is_symlink() or dst.exists():
-            dst.unlink()
-        if link:
-            dst.symlink_to(os.path.relpath(ROOT / rel, dst.parent))
-        else:
-            shutil.copy2(ROOT / rel, dst)
+        old, new = pattern.format(v=p["PEFT_VERSION"]), pattern.format(v=p["FULL_VERSION"])
+        text = f.read_text()
+        if text.count(new) != 1:
+            if text.count(old) != 1:
+                raise BuildError(f"cannot stamp the local version into {path}: expected `{old}` exactly once")
+            f.write_text(text.replace(old, new))
 
 
 def reference_tree(dest):
-    """Pristine sdist + the series + the version stamp + copies of our new files: what the patched package holds."""
+    """Pristine sdist + the series + the version stamp: what the patched package holds."""
     upstream = extract(dest)
-    check_shadowing(upstream)
-    apply_series(dest)
+    for patch, f in topics():
+        clash = set(f.get("Files", "").split()) & upstream
+        if clash:
+            raise BuildError(f"{patch.name} adds {sorted(clash)}, which the sdist has: change them through a patch")
+        apply_topic(dest, patch, f.get("Files", "").split())
     stamp(dest)
-    overlay(dest, link=False)
 
 
 # --- the development tree ----------------------------------------------------------------------------------------
 
 
-def init_repo(path, upstream_version):
-    """A git repository of the extracted sdist at `path`, committed and tagged `upstream-<version>`."""
+def build_repo(path):
+    """A git repository of the pristine sdist at `path` (tag `upstream-<version>`), one commit per topic."""
+    p = pin()
+    extract(path)
     git(path, "init", "-q")
     git(path, "config", "core.autocrlf", "false")
     git(path, "add", "-A")
-    git(path, "commit", "-q", "-m", f"peft {upstream_version} (pristine sdist)")
-    git(path, "tag", f"upstream-{upstream_version}")
+    git(path, "commit", "-q", "-m", f"peft {p['PEFT_VERSION']} (pristine sdist)")
+    git(path, "tag", p["TAG"])
+    for patch, f in topics():
+        # --empty=keep: a topic may change nothing but the files it adds
+        res = git(path, "am", "-q", "--empty=keep", str(patch), check=False)
+        if res.returncode != 0:
+            raise BuildError(
+                f"{patch.name} stopped applying in {path}:\n{res.stdout}{res.stderr}\nFix it there (`git am "
+                "--show-current-patch`, edit, `git add`, `git am --continue`, then the rest), then `make patches`."
+            )
+        if f.get("Files"):  # the files it adds, folded into its commit
+            for rel in f["Files"].split():
+                (path / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, path / rel)
+            git(path, "add", "--", *f["Files"].split())
+            git(path, "commit", "-q", "--amend", "--no-edit", "--allow-empty")
 
 
-def git_am(repo, patches):
-    # --empty=keep: a topic may add only new files of ours (its upstream diff is then empty)
-    res = git(repo, "am", "-q", "--empty=keep", *map(str, patches), check=False)
-    if res.returncode != 0:
-        failing = git(repo, "am", "--show-current-patch=raw", check=False).stdout.split("\n", 4)[:4]
-        raise BuildError(
-            f"the series stopped applying in {repo}:\n{res.stdout}{res.stderr}\n{''.join(failing)[:300]}\nFix it "
-            "there (`git am --show-current-patch`, edit, `git add`, `git am --continue`), then `make patches`."
-        )
-
-
-def tree_series():
-    """The series as build/peft's commits would write it: {file name: text}."""
+def export(repo):
+    """build/peft's commits as this repository stores them: ({patch name: text}, {file: bytes})."""
+    commits = git(repo, "rev-list", "--reverse", f"{pin()['TAG']}..HEAD").stdout.split()
+    patches, files = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        git(TREE, *FORMAT_PATCH, "-o", tmp, f"{pin()['TAG']}..HEAD")
-        return {p.name: p.read_text() for p in sorted(Path(tmp).iterdir())}
+        for n, commit in enumerate(commits, 1):
+            added = git(repo, "diff-tree", "-r", "--no-commit-id", "--name-only", "--diff-filter=A", commit).stdout
+            added = sorted(added.split())
+            for rel in added:
+                files[rel] = subprocess.run(
+                    ["git", "show", f"{commit}:{rel}"], cwd=repo, capture_output=True, check=True
+                ).stdout
+            out = Path(tmp) / str(n)
+            exclude = [f":(exclude){rel}" for rel in added]
+            # a range, not `-1 <commit>`: with paths, that would walk back to the last commit that touches them
+            git(repo, *FORMAT_PATCH, f"--start-number={n}", "-o", out, f"{commit}^..{commit}", "--", ".", *exclude)
+            written = sorted(out.glob("*.patch"))
+            if not written:  # the topic changes nothing but the files it adds: its header alone
+                git(repo, *FORMAT_PATCH, f"--start-number={n}", "-o", out, f"{commit}^..{commit}")
+                written = sorted(out.glob("*.patch"))
+                written[0].write_text(written[0].read_text().split("\n---\n", 1)[0] + "\n")
+            header, sep, diff = written[0].read_text().partition("\n---\n")
+            patches[written[0].name] = with_files_field(header, added) + (sep[1:] + diff if sep else "")
+    return patches, files
+
+
+def in_sync():
+    """Whether build/peft's commits are what patches/ and our files describe."""
+    patches, files = export(TREE)
+    stored = {q.name: q.read_text() for q in series()}
+    return (
+        patches == stored
+        and set(files) == set(our_files())
+        and all((ROOT / f).read_bytes() == files[f] for f in files)
+    )
 
 
 def tree_dirty():
-    """Uncommitted changes to upstream files in build/peft (the version stamp is hidden by a clean filter)."""
+    """Uncommitted changes to tracked files in build/peft (the version stamp is hidden by a clean filter)."""
     return git(TREE, "status", "--porcelain", "--untracked-files=no").stdout.strip()
 
 
-def link_our_files():
-    ours = our_files()
-    for path in TREE.rglob("*"):
-        if path.is_symlink() and str(path.relative_to(TREE)) not in ours:
-            target = (path.parent / os.readlink(path)).resolve()
-            if ROOT in target.parents and BUILD not in target.parents:
-                path.unlink()
-    overlay(TREE, link=True)
-    exclude = ["__pycache__/", "*.egg-info/", ".pytest_cache/", "/build/", "/dist/"] + [f"/{f}" for f in ours]
-    (TREE / ".git" / "info" / "exclude").write_text("\n".join(exclude) + "\n")
+def finish_tree():
+    stamped = pin()["FULL_VERSION"].replace(".", r"\.")  # a BRE: `+` is literal
+    git(TREE, "config", "filter.peftstamp.clean", f"sed -e 's/{stamped}/{pin()['PEFT_VERSION']}/'")
+    (TREE / ".git" / "info" / "attributes").write_text("".join(f"/{f} filter=peftstamp\n" for f in STAMPED))
+    (TREE / ".git" / "info" / "exclude").write_text("__pycache__/\n*.egg-info/\n.pytest_cache/\n/build/\n/dist/\n")
     stamp(TREE)
-    # the clean filter hands git the unstamped text: refreshing the index makes `git status` see no change
-    git(TREE, "add", "--", *STAMPED)
+    git(TREE, "add", "--", *STAMPED)  # the clean filter hands git the unstamped text: `git status` sees no change
 
 
 def cmd_tree(_args=None):
-    """Create build/peft, or bring it in line with patches/ unless it holds work that is not in patches/."""
+    """Create build/peft, or bring it in line with this repository unless it holds work that is not here."""
     p = pin()
-    patches = series()
     if (TREE / ".git").exists() and git(TREE, "tag", "-l", p["TAG"]).stdout.strip():
-        in_sync = not tree_dirty() and list(tree_series().values()) == [q.read_text() for q in patches]
-        if in_sync:
-            link_our_files()
-            log(f"build/peft is peft {p['FULL_VERSION']}: {len(patches)} topics, {len(our_files())} new files")
-            return
         head = git(TREE, "rev-parse", "HEAD").stdout.strip()
         built = git(TREE, "rev-parse", "-q", "--verify", BUILT_REF, check=False).stdout.strip()
+        if head == built and in_sync():
+            if tree_dirty():
+                log("build/peft has uncommitted edits (tested as they are; commit them to their topic)")
+            return log(f"build/peft is peft {p['FULL_VERSION']}: {len(series())} topics")
         if tree_dirty() or head != built:
             raise BuildError(
-                "build/peft holds commits or edits that are not in patches/: `make patches` writes them to "
-                "patches/ (commit edits to their topic first), `make reset-tree` throws them away"
+                "build/peft holds commits or edits that are not in patches/: `make patches` writes them here "
+                "(commit edits to their topic first), `make reset-tree` throws them away"
             )
-        # untouched since it was built, and patches/ changed (a pull, say): rebuild it from the series
-        git(TREE, "reset", "-q", "--hard", p["TAG"])
-    else:
-        if TREE.exists():
-            shutil.rmtree(TREE)
-        check_shadowing(extract(TREE))
-        init_repo(TREE, p["PEFT_VERSION"])
-        # the version stamp is invisible to git, so the commits hold the series and nothing else
-        stamped = p["FULL_VERSION"].replace(".", r"\.")  # a BRE: `+` is literal
-        git(TREE, "config", "filter.peftstamp.clean", f"sed -e 's/{stamped}/{p['PEFT_VERSION']}/'")
-        (TREE / ".git" / "info" / "attributes").write_text("".join(f"/{f} filter=peftstamp\n" for f in STAMPED))
-    git_am(TREE, patches)
+    # new, or untouched since it was built while this repository changed (a pull, say): build it from the series
+    shutil.rmtree(TREE, ignore_errors=True)
+    build_repo(TREE)
     git(TREE, "update-ref", BUILT_REF, "HEAD")
-    link_our_files()
-    log(f"build/peft is peft {p['FULL_VERSION']}: {len(patches)} topics, {len(our_files())} new files")
+    finish_tree()
+    log(f"build/peft is peft {p['FULL_VERSION']}: {len(series())} topics, {len(our_files())} files of ours")
 
 
 def cmd_patches(_args=None):
@@ -331,101 +340,149 @@ def cmd_patches(_args=None):
             f"-a --fixup=<topic commit> && git rebase -q -i --autosquash {pin()['TAG']}\n"
             "(`git log --oneline` lists the topics)"
         )
-    new = tree_series()
-    PATCHES.mkdir(exist_ok=True)
+    patches, files = export(TREE)
     for old in series():
         old.unlink()
-    for name, text in new.items():
+    for name, text in patches.items():
         (PATCHES / name).write_text(text)
-    (PATCHES / "series").write_text("".join(f"{name}\n" for name in new))
+    (PATCHES / "series").write_text("".join(f"{name}\n" for name in patches))
+    for rel in set(our_files()) - set(files):
+        (ROOT / rel).unlink()  # no topic adds it any more
+    for rel, data in files.items():
+        (ROOT / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ROOT / rel).write_bytes(data)
+    topics()
     git(TREE, "update-ref", BUILT_REF, "HEAD")
-    log(f"wrote {len(new)} topic patches to patches/ (order: patches/series)")
+    log(f"wrote {len(patches)} topic patches to patches/ and {len(files)} files of ours")
+
+
+# --- the upstream pull requests -------------------------------------------------------------------------------------
+
+
+def pull_requests(repo):
+    """One branch `pr/<topic>` of `repo` per upstream-bound topic: the pristine sdist, the topics it depends on (and
+    theirs), and the topic itself, cherry-picked. Returns [(number, topic, its fields, the topics below it)]."""
+    commits = git(repo, "rev-list", "--reverse", f"{pin()['TAG']}..HEAD").stdout.split()
+    known, fork_only, prs = {}, set(), []
+    for commit, (patch, f) in zip(commits, topics(), strict=True):
+        below = []
+        for dep in f.get("Depends", "").split():
+            below += [t for t in known[dep][1] + [dep] if t not in below]
+        known[f["Topic"]] = (commit, below)
+        if f.get("Forwarded") == "not-needed":
+            fork_only.add(f["Topic"])
+            continue
+        if fork_only & set(below):
+            raise BuildError(f"{patch.name}: an upstream pull request cannot depend on fork-only topics")
+        git(repo, "checkout", "-q", "-B", f"pr/{f['Topic']}", pin()["TAG"])
+        for topic in below + [f["Topic"]]:
+            res = git(repo, "cherry-pick", "--allow-empty", "--keep-redundant-commits", known[topic][0], check=False)
+            if res.returncode != 0:
+                git(repo, "cherry-pick", "--abort", check=False)
+                raise BuildError(
+                    f"topic {f['Topic']} does not apply to the pristine sdist plus {below}: {topic} conflicts\n"
+                    f"{res.stdout}{res.stderr}\nName the topic it needs in `Depends:`, or keep the two apart."
+                )
+        prs.append((len(prs) + 1, f["Topic"], f, below))
+    git(repo, "checkout", "-q", commits[-1])
+    return prs
 
 
 def cmd_check(_args=None):
     problems = []
-    p = pin()
     with tempfile.TemporaryDirectory() as tmp:
-        check_shadowing(extract(Path(tmp) / "peft"))
-        apply_series(Path(tmp) / "peft")  # fails on any patch that does not apply to the verified sdist
-    ours, claimed = our_files(), {}
-    for patch in series() + series(PR_ONLY):
-        header = patch.read_text().split("\n---\n", 1)[0]
-        fields = message_fields(header)
-        body = header.split("\n\n", 1)[1] if "\n\n" in header else ""
-        if not strip_fields(body).strip():
-            problems.append(f"{patch.relative_to(ROOT)}: its header must say what the change does and why")
-        if not re.match(r"(no|not-needed|yes|https?://\S+)\b", fields.get("Forwarded", "")):
-            problems.append(f"{patch.relative_to(ROOT)}: needs `Forwarded: no | not-needed | <url>`")
-        for glob in fields.get("Files", "").split():
-            matched = topic_files(glob, ours)
-            if not matched:
-                problems.append(f"{patch.relative_to(ROOT)}: `Files: {glob}` matches none of our files")
-            for f in matched:
-                claimed.setdefault(f, []).append(patch.name)
-    for f in ours:
-        if len(claimed.get(f, [])) != 1:
-            where = ", ".join(claimed.get(f, [])) or "no topic"
-            problems.append(f"{f} must belong to exactly one topic's `Files:` (it is in {where})")
+        build_repo(Path(tmp) / "peft")  # the series applies to the verified sdist
+        prs = pull_requests(Path(tmp) / "peft")  # each pull request applies to the sdist plus its dependencies
+        upstream = set(git(Path(tmp) / "peft", "ls-tree", "-r", "--name-only", pin()["TAG"]).stdout.split())
+    claimed = {}
+    for patch, f in topics():
+        body = fields_free(patch.read_text().split("\n---\n", 1)[0].split("\n\n", 1)[-1])
+        if not body.strip():
+            problems.append(f"{patch.name}: its header must say what the change does and why")
+        if not re.match(r"(no|not-needed|yes|https?://\S+)\b", f.get("Forwarded", "")):
+            problems.append(f"{patch.name}: needs `Forwarded: no | not-needed | <url>`")
+        for rel in f.get("Files", "").split():
+            claimed.setdefault(rel, []).append(patch.name)
+    names = {t for _, t, _, _ in prs}
+    for patch in series(PR_ONLY):
+        if fields(patch.read_text()).get("Topic") not in names:
+            problems.append(f"{patch.relative_to(ROOT)}: needs `Topic:` naming the pull request it belongs to")
+    for rel in our_files():
+        if rel in upstream:
+            problems.append(f"{rel} is an upstream file: change it through a topic patch")
+        elif len(claimed.get(rel, [])) != 1:
+            problems.append(f"{rel} must be added by exactly one topic (it is by {claimed.get(rel) or 'none'})")
     if (TREE / ".git").exists():
         if tree_dirty():
             problems.append("build/peft has uncommitted edits: commit them to their topic, then `make patches`")
-        elif list(tree_series().values()) != [q.read_text() for q in series()]:
-            problems.append("patches/ is out of sync with build/peft's commits: `make patches` (or `make tree`)")
-        stray = git(TREE, "ls-files", "--others", "--exclude-standard", "--", *UPSTREAM_TREES).stdout.split()
-        for rel in stray:
-            problems.append(f"build/peft/{rel} is a new file there: create it in this repository at {rel} instead")
+        elif not in_sync():
+            problems.append("patches/ or our files are out of sync with build/peft: `make patches` (or `make tree`)")
     if problems:
         raise BuildError("check failed:\n  " + "\n  ".join(problems))
-    log(f"check passed: {len(series())} topic patches apply to peft {p['PEFT_VERSION']}, every new file has a topic")
+    log(f"check passed: {len(series())} topics apply to peft {pin()['PEFT_VERSION']}; {len(prs)} pull requests apply")
 
 
-# --- the upstream pull request -----------------------------------------------------------------------------------
+def fields_free(message):
+    return "\n".join(line for line in message.splitlines() if line.partition(": ")[0] not in FIELDS)
 
 
 def cmd_pr(args):
-    """Replay the series on a pristine repository, adding each topic's new files to its commit, then format-patch."""
-    p = pin()
+    """dist/pr/<n>-<topic>/: the topic's commit (with the files it adds) and PR_DESCRIPTION.md."""
     out, work = ROOT / "dist" / "pr", BUILD / "pr-repo"
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    extract(work)
-    init_repo(work, p["PEFT_VERSION"])
-    ours = our_files()
-    for patch in series():
-        git_am(work, [patch])
-        message = git(work, "log", "-1", "--format=%B").stdout
-        for rel in topic_files(message_fields(message).get("Files", ""), ours):
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, work / rel)
-        git(work, "add", "-A")
-        git(work, "commit", "-q", "--amend", "--no-verify", "-m", strip_fields(message))
-    git(work, *FORMAT_PATCH, "-o", str(out), f"{p['TAG']}..HEAD")
-    shutil.copy2(ROOT / "tooling" / "pr-description.md", out / "PR_DESCRIPTION.md")
-    written = sorted(out.glob("*.patch"))
-    log(f"wrote {len(written)} commits against peft {p['PEFT_VERSION']} to dist/pr/ (and PR_DESCRIPTION.md)")
+    build_repo(work)
+    prs = pull_requests(work)
+    folder = {topic: out / f"{n}-{topic}" for n, topic, _, _ in prs}
+    pr_only = {}
+    for patch in series(PR_ONLY):
+        pr_only.setdefault(fields(patch.read_text()).get("Topic"), []).append(patch)
+    for n, topic, f, below in prs:
+        git(work, "checkout", "-q", f"pr/{topic}")  # the fields are this repository's bookkeeping, not upstream's
+        git(
+            work,
+            "commit",
+            "-q",
+            "--amend",
+            "--allow-empty",
+            "-m",
+            fields_free(git(work, "log", "-1", "--format=%B").stdout),
+        )
+        git(work, *FORMAT_PATCH, "-o", folder[topic], "-1", f"pr/{topic}")
+        for patch in pr_only.get(topic, []):
+            shutil.copy2(patch, folder[topic] / f"pr-only-{patch.name}")
+        message = git(work, "log", "-1", "--format=%B", f"pr/{topic}").stdout
+        subject, _, body = fields_free(message).partition("\n")
+        needs = ", ".join(folder[t].name for t in below) or "nothing: it applies to upstream as it is"
+        (folder[topic] / "PR_DESCRIPTION.md").write_text(
+            f"# {subject}\n{body.rstrip()}\n\nDepends on: {needs}.\n"
+            + (
+                f"Also changes files the sdist lacks: {', '.join(p.name for p in pr_only[topic])}.\n"
+                if topic in pr_only
+                else ""
+            )
+        )
+    log(f"wrote {len(prs)} pull requests against peft {pin()['PEFT_VERSION']} to dist/pr/")
 
     repo = os.environ.get("PEFT_REPO")
     if not repo:
         return
     repo = Path(repo).resolve()
-    if not (repo / ".git").exists():
-        raise BuildError(f"PEFT_REPO={repo} is not a git checkout")
-    if git(repo, "status", "--porcelain", "--untracked-files=no").stdout:
-        raise BuildError(f"PEFT_REPO={repo} has uncommitted changes; commit or stash them first")
-    if git(repo, "rev-parse", "--verify", "-q", f"refs/heads/{args.branch}", check=False).returncode == 0:
-        raise BuildError(f"PEFT_REPO={repo} already has a branch {args.branch}; pass PR_BRANCH=<another name>")
-    git(repo, "checkout", "-q", "-b", args.branch)
-    # the pr-only patches change upstream files that the sdist lacks (the docs toctree, the MetaMathQA runner)
-    res = git(repo, "am", "-3", *map(str, written + series(PR_ONLY)), check=False)
-    if res.returncode != 0:
-        conflicts = git(repo, "diff", "--name-only", "--diff-filter=U", check=False).stdout
-        raise BuildError(
-            f"the series does not apply to {repo} (branch {args.branch}); `git am` stopped with:\n{res.stdout}"
-            f"{res.stderr}\nconflicted files:\n{conflicts or '  (none listed)'}\nResolve and `git am --continue` "
-            "there, or `git am --abort`."
-        )
-    log(f"applied the series to {repo} on branch {args.branch}")
+    if not (repo / ".git").exists() or git(repo, "status", "--porcelain", "--untracked-files=no").stdout:
+        raise BuildError(f"PEFT_REPO={repo} must be a git checkout without uncommitted changes")
+    base = git(repo, "rev-parse", "HEAD").stdout.strip()
+    for n, topic, f, below in prs:
+        branch = f"{args.branch}-{topic}"
+        if git(repo, "rev-parse", "--verify", "-q", f"refs/heads/{branch}", check=False).returncode == 0:
+            raise BuildError(f"PEFT_REPO={repo} already has a branch {branch}; pass PR_BRANCH=<another prefix>")
+        git(repo, "checkout", "-q", "-b", branch, base)
+        mails = [p for t in below + [topic] for p in sorted(folder[t].glob("*.patch"))]
+        res = git(repo, "am", "-3", *map(str, mails), check=False)
+        if res.returncode != 0:
+            raise BuildError(
+                f"pull request {n} ({topic}) does not apply to {repo} (branch {branch}); `git am` stopped with:\n"
+                f"{res.stdout}{res.stderr}\nResolve and `git am --continue` there, or `git am --abort`."
+            )
+        log(f"{repo}: branch {branch} holds pull request {n} ({topic}) on top of {len(below)} it depends on")
 
 
 def main():
@@ -442,7 +499,7 @@ def main():
         p.add_argument("dest")
         p.set_defaults(fn=lambda a, fn=fn: (fn(Path(a.dest)), log(f"wrote {a.dest}")))
     pr = sub.add_parser("pr")
-    pr.add_argument("--branch", default="disel-lora-variant")
+    pr.add_argument("--branch", default="disel")
     pr.set_defaults(fn=cmd_pr)
     args = parser.parse_args()
     args.fn(args)

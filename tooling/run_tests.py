@@ -7,11 +7,14 @@ run_tests.py test     [pytest args]  `make test`: our tests and the upstream tes
 run_tests.py patched  [pytest args]  a quicker development run on the patched tree only: the tests listed in
                                      tooling/upstream-known-failures.txt are xfailed/skipped, anything else fails
 run_tests.py known-failures          rewrite tooling/upstream-known-failures.txt from a pristine run
+run_tests.py prs      [pytest args]  each pull request of dist/pr/ (`make pr`) applied with `git am` to the pristine
+                                     sdist after the ones it depends on: peft imports, and its test files pass
 """
 
 import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -113,6 +116,8 @@ def main():
         pytest(PRISTINE, UPSTREAM_FILES, out / "pristine.xml", extra, [str(PRISTINE / "src")], known=False)
         write_known_failures(out / "pristine.xml")
         return
+    if mode == "prs":
+        sys.exit(test_pull_requests(extra))
     if mode != "test":
         sys.exit(__doc__)
     # `make test`: everything on the patched tree and upstream's files on the pristine tree, raw outcomes both times
@@ -120,6 +125,43 @@ def main():
     pytest(TREE, our_test_files() + UPSTREAM_FILES, out / "patched.xml", extra, [], known=False)
     pytest(PRISTINE, UPSTREAM_FILES, out / "pristine.xml", extra, [str(PRISTINE / "src")], known=False)
     sys.exit(regression_rule(outcomes(out / "patched.xml"), outcomes(out / "pristine.xml")))
+
+
+def test_pull_requests(extra):
+    folders = {p.name: p for p in (ROOT / "dist" / "pr").iterdir()}
+    failed = 0
+    for name in sorted(folders, key=lambda n: int(n.split("-")[0])):
+        needs = (folders[name] / "PR_DESCRIPTION.md").read_text().split("Depends on: ", 1)[1].split(".\n")[0]
+        patches = [p for dep in needs.split(", ") if dep in folders for p in sorted(folders[dep].glob("0*.patch"))]
+        own = sorted(folders[name].glob("0*.patch"))
+        tree = ROOT / "build" / "pr-test" / name
+        subprocess.run([sys.executable, str(ROOT / "tooling" / "peftpatch.py"), "pristine", str(tree)], check=True)
+        git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-C", str(tree)]
+        subprocess.run(git + ["init", "-q"], check=True)
+        subprocess.run(git + ["add", "-A"], check=True)
+        subprocess.run(git + ["commit", "-qm", "pristine"], check=True)
+        applied = subprocess.run(git + ["am", "-q", *map(str, patches + own)], check=False).returncode == 0
+        env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+        imports = (
+            applied and subprocess.run([str(PY), "-c", "import peft"], env=env, cwd=tree, check=False).returncode == 0
+        )
+        touched = {
+            line.split(" b/")[-1] for p in own for line in p.read_text().splitlines() if line.startswith("diff --git")
+        }
+        files = sorted(f for f in touched if f.startswith("tests/test_") and f != "tests/test_gpu_examples.py")
+        start, junit = time.time(), tree / "results.xml"
+        rc = pytest(tree, files, junit, extra, [str(tree / "src")]) if imports else 1
+        counts = (
+            {o: sum(v == o for v in outcomes(junit).values()) for o in ("passed", "failed", "skipped")}
+            if imports
+            else {}
+        )
+        print(
+            f"PR {name}: applies {applied}, imports {imports}, {files}: {counts}, {time.time() - start:.0f} s",
+            flush=True,
+        )
+        failed += rc != 0
+    return 1 if failed else 0
 
 
 def regression_rule(patched, pristine):

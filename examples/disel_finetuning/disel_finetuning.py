@@ -34,7 +34,6 @@ from transformers import (
 
 from peft import DiselConfig, LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.optimizers import create_disel_optimizer
-from peft.tuners.lora.disel_diagnostics import DiselGateCallback, DiselGateRecorder
 
 
 def load_texts(data_path):
@@ -101,8 +100,7 @@ def main():
         lora_dropout=0.0,
         target_modules=target_modules,
         task_type="CAUSAL_LM",
-        use_disel=True,
-        disel_config=DiselConfig(gate_bias_init=args.gate_bias_init),
+        use_disel=DiselConfig(gate_bias_init=args.gate_bias_init),
     )
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
@@ -127,7 +125,6 @@ def main():
         train_dataset=dataset,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         optimizers=(optimizer, None),
-        callbacks=[DiselGateCallback()],  # logs disel/mean_gate and disel/frac_open (gates above 0.5)
     )
     trainer.train()
 
@@ -150,18 +147,19 @@ def main():
     print(f"max |logits(trained) - logits(reloaded)| = {diff:.2e}")
     print(tokenizer.decode(output[0], skip_special_tokens=True))
 
-    # which inputs open the gates: training examples versus unrelated text
+    # which inputs open the gates: training examples versus unrelated text (each text alone, so no padding counts)
+    openings = []
+    gates = [m for name, m in reloaded.named_modules() if name.endswith("lora_disel_gate.default")]
+    hooks = [gate.register_forward_hook(lambda m, i, logits: openings.append(torch.sigmoid(logits))) for gate in gates]
     other = ["The cat sat on the mat.", "Paris is the capital of France.", "It rained all day in the mountains."]
-    with DiselGateRecorder(reloaded) as recorder:
-        for split, batch in (("train data", texts[:8]), ("other text", other)):
-            batch = tokenizer(batch, return_tensors="pt", padding=True).to(model.device)
-            recorder.set_split(split)
-            recorder.set_mask(batch["attention_mask"])  # padding does not count
-            with torch.no_grad():
-                reloaded(**batch)
-    stats = recorder.stats()
-    for split in stats.splits:
-        print(f"mean gate opening on {split}: {stats.mean_gate(split):.4f}")
+    for split, batch in (("training examples", texts[:8]), ("other text", other)):
+        openings.clear()
+        with torch.no_grad():
+            for text in batch:
+                reloaded(**tokenizer(text, return_tensors="pt").to(model.device))
+        print(f"mean gate opening on {split}: {torch.cat([o.flatten() for o in openings]).mean():.4f}")
+    for hook in hooks:
+        hook.remove()
     # DISeL adapters cannot be merged (the update depends on the input): keep the PeftModel for inference
 
 

@@ -218,12 +218,13 @@ class DiselGateRecorder:
     """
     Records the gate openings `g(x) = sigmoid(W_g x + b_g)` of a DISeL adapter while the model runs.
 
-    Use it as a context manager. While recording, a logits hook on every gate of the adapter (see
-    `DiselGate.register_logits_hook`) receives the gate logits that the adapter's forward computed, and the recorder
-    adds `sigmoid(logits)` to running statistics per layer and per rank (count, mean, fraction above `threshold`,
-    histogram on `[0, 1]`). The model outputs are unchanged (the hooks return nothing), and on exit, also on an
-    exception, all hooks are removed, so the model costs nothing when not recording. Each recorded forward costs a few
-    element-wise ops and reductions per layer; the statistics stay on the device until [`stats`] is called.
+    Use it as a context manager. While recording, a forward hook on every gate of the adapter receives the gate logits
+    that the adapter's forward computed, and the recorder adds `sigmoid(logits)` to running statistics per layer and per
+    rank (count, mean, fraction above `threshold`, histogram on `[0, 1]`). The model outputs are unchanged (the hooks
+    return nothing); the hooked layers call the gate as a module, so they skip DISeL's fused A+gate projection while
+    recording. On exit, also on an exception, all hooks are removed, so the model costs nothing when not recording.
+    Each recorded forward costs a few element-wise ops and reductions per layer; the statistics stay on the device until
+    [`stats`] is called.
 
     Only the tokens that the adapter's gate actually sees are recorded: nothing while the adapters are disabled, and
     with mixed-batch inference (`adapter_names=[...]`) only the rows assigned to the adapter. All positions of the
@@ -324,11 +325,11 @@ class DiselGateRecorder:
         """Attach the hooks (idempotent). Prefer the context manager, which also removes them on an exception."""
         if not self._handles:
             for name, module in self.layers.items():
-                # the layer's forward pre-hook notes which rows a mixed batch gives the adapter, and the gate's logits
-                # hook records what the adapter's forward computed
+                # the layer's forward pre-hook notes which rows a mixed batch gives the adapter, and the gate's forward
+                # hook records the logits that the adapter's forward computed
                 self._handles.append(module.register_forward_pre_hook(self._make_rows_hook(name), with_kwargs=True))
                 gate = module.lora_disel_gate[self.adapter_name]
-                self._handles.append(gate.register_logits_hook(self._make_logits_hook(name)))
+                self._handles.append(gate.register_forward_hook(self._make_logits_hook(name)))
         return self
 
     def stop(self) -> None:
@@ -370,7 +371,7 @@ class DiselGateRecorder:
         return hook
 
     def _make_logits_hook(self, name: str):
-        def hook(gate, logits):
+        def hook(gate, args, logits):
             with torch.no_grad():
                 self._record(name, gate, logits.detach())
 

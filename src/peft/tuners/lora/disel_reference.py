@@ -11,7 +11,17 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Conversion of DISeL checkpoints written by the paper's standalone `disel` package (github.com/alizindari/DISeL).
+"""DISeL checkpoints in other formats: the paper's standalone `disel` package (github.com/alizindari/DISeL), and the
+first release of this build (disel.1).
+
+A checkpoint of the reference package is converted once, explicitly, into a normal DISeL adapter folder:
+
+    python -m peft.tuners.lora.disel_reference REFERENCE_CHECKPOINT NEW_FOLDER
+
+`PeftModel.from_pretrained` on an unconverted one raises an error that prints this command. The adapters of this build's
+first release, whose config has `use_disel: true` plus a `disel_config` dict, load as they are. Both are recognised by
+`PeftConfig.from_peft_type` only when a config has keys its class does not know (`disel_gate_*`, `disel_config`), so no
+code of this module runs for any other adapter.
 
 That package trains DISeL on top of an unmodified PEFT: its config is a `LoraConfig` subclass whose
 `adapter_config.json` has `peft_type: "LORA"`, no `use_disel` and five extra top-level keys:
@@ -36,17 +46,21 @@ adapter name (e.g.
 `base_model.model.<module>.lora_disel_gate.default.linear.weight`).
 
 In this implementation `logits = norm * W x + b` (`norm * U (V x) + b` for a bottleneck gate), with the same `norm`, so
-the weights map as they are and the bias is multiplied by `s`. The functions below are pure: they translate a config
-dict and a state dict, and leave the loading to PEFT.
+the weights map as they are and the bias is multiplied by `s`.
 """
 
+import argparse
+import json
 import math
 import os
+import shutil
+import sys
 import warnings
 from typing import Optional, Union
 
 import torch
 from safetensors.torch import load_file as safe_load_file
+from safetensors.torch import save_file as safe_save_file
 
 
 REFERENCE_CONFIG_KEYS = (
@@ -93,7 +107,7 @@ def is_reference_disel_config(config_dict: dict) -> bool:
 
     Returns:
         `bool`: `True` for a reference DISeL config, `False` otherwise (including a config of this implementation,
-        which uses `use_disel` and `disel_config`).
+        which uses `use_disel`).
     """
     if not isinstance(config_dict, dict) or config_dict.get("peft_type") != "LORA":
         return False
@@ -123,9 +137,9 @@ def convert_reference_disel_config(config_dict: dict) -> dict:
     """
     Convert a reference DISeL config dict into keyword arguments of this implementation's `LoraConfig`.
 
-    The `disel_gate_*` keys are removed and replaced by `use_disel=True` and `disel_config`, with the gate options of
-    [`DiselConfig`]: `gate_bias_init`, `gate_weight_init`, `gate_normalize` and `gate_bottleneck_dim` (the reference's
-    defaults fill missing keys). All other keys are kept. `disel_gate_lr_multiplier` has no counterpart in the config
+    The `disel_gate_*` keys are removed and replaced by `use_disel`, with the gate options of [`DiselConfig`]:
+    `gate_bias_init`, `gate_weight_init`, `gate_normalize` and `gate_bottleneck_dim` (the reference's defaults fill
+    missing keys). All other keys are kept. `disel_gate_lr_multiplier` has no counterpart in the config
     (see [`get_reference_gate_lr_ratio`]).
 
     Two differences are translated rather than copied:
@@ -147,8 +161,7 @@ def convert_reference_disel_config(config_dict: dict) -> dict:
         `dict`: A new dict for `LoraConfig(**converted)`.
 
     Raises:
-        ValueError: If `config_dict` is no reference DISeL config, or also sets this implementation's `use_disel` or
-            `disel_config`.
+        ValueError: If `config_dict` is no reference DISeL config, or also sets this implementation's `use_disel`.
     """
     if not is_reference_disel_config(config_dict):
         raise ValueError(
@@ -157,8 +170,8 @@ def convert_reference_disel_config(config_dict: dict) -> dict:
         )
     if config_dict.get("use_disel") or config_dict.get("disel_config") is not None:
         raise ValueError(
-            "The config has both the reference package's `disel_gate_*` keys and this implementation's `use_disel` / "
-            "`disel_config`; it is unclear which gate options apply."
+            "The config has both the reference package's `disel_gate_*` keys and this implementation's `use_disel`; "
+            "it is unclear which gate options apply."
         )
     values = {key: config_dict.get(key, default) for key, default in REFERENCE_CONFIG_DEFAULTS.items()}
     bottleneck = values["disel_gate_bottleneck_dim"]
@@ -173,8 +186,7 @@ def convert_reference_disel_config(config_dict: dict) -> dict:
             bottleneck = None
 
     converted = {key: value for key, value in config_dict.items() if key not in REFERENCE_CONFIG_KEYS}
-    converted["use_disel"] = True
-    converted["disel_config"] = {
+    converted["use_disel"] = {
         "gate_bias_init": values["disel_gate_bias_init"],
         "gate_weight_init": values["disel_gate_weight_init"],
         "gate_normalize": values["disel_gate_normalize"],
@@ -255,7 +267,6 @@ def merge_reference_gate_files(state_dict: dict, model_dir: Union[str, os.PathLi
         ValueError: If a key of the gate file is also a key of `state_dict`.
     """
     merged = dict(state_dict)
-    # every PEFT checkpoint passes here: look for a gate file first, and at the keys only if there is one
     paths = find_reference_gate_files(model_dir)
     if not paths or any(_parse_gate_key(key) is not None for key in state_dict):
         return merged
@@ -340,9 +351,9 @@ def convert_reference_disel_state_dict(
         state_dict (`dict`):
             The state dict to convert; it is not modified.
         gate_normalize (`bool`, *optional*, defaults to `False`):
-            The converted `disel_config.gate_normalize` (the reference's `disel_gate_normalize`).
+            The converted `gate_normalize` (the reference's `disel_gate_normalize`).
         gate_bottleneck_dim (`int`, *optional*):
-            The converted `disel_config.gate_bottleneck_dim`; `None` (a full gate) folds bottleneck gates.
+            The converted `gate_bottleneck_dim`; `None` (a full gate) folds bottleneck gates.
 
     Returns:
         `dict`: A new state dict.
@@ -451,3 +462,101 @@ def _convert_layer_gate(
             bias = (bias.float() / math.sqrt(weight.shape[-1])).to(bias.dtype)
         out[f"{target}.bias"] = bias
     return out
+
+
+CONVERT_COMMAND = "python -m peft.tuners.lora.disel_reference"
+
+
+def upgrade_config_kwargs(kwargs: dict) -> dict:
+    """
+    The keyword arguments of a saved DISeL config in an older format, for `LoraConfig` of this build.
+
+    `PeftConfig.from_peft_type` calls this only when a config has keys that its class does not know, and one of them is
+    `disel_config` or starts with `disel_gate_`.
+
+    Args:
+        kwargs (`dict`):
+            The loaded `adapter_config.json`; it is not modified.
+
+    Returns:
+        `dict`: For this build's first release (`use_disel: true` with a `disel_config` dict), the same config with
+        `use_disel` holding that dict.
+
+    Raises:
+        ValueError: For a checkpoint of the reference package, with the command that converts it.
+    """
+    if is_reference_disel_config(kwargs):
+        raise ValueError(
+            "This adapter was saved by the standalone DISeL reference package (its config has `disel_gate_*` keys), "
+            "whose gates PEFT does not read as they are. Convert it once into a DISeL adapter of this build:\n"
+            f"    {CONVERT_COMMAND} <reference checkpoint folder> <new folder>\n"
+            "then load the new folder with `PeftModel.from_pretrained`."
+        )
+    kwargs = dict(kwargs)
+    options = kwargs.pop("disel_config", None)
+    if options is not None and kwargs.get("use_disel") is True:
+        kwargs["use_disel"] = options
+    return kwargs
+
+
+def convert_reference_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> dict:
+    """
+    Convert a local checkpoint folder of the reference package into a DISeL adapter folder of this build.
+
+    `dst` gets `adapter_config.json` and `adapter_model.safetensors` in this build's format; the other files of `src`
+    (a README, tokenizer files) are copied as they are.
+
+    Args:
+        src (`str` or `os.PathLike`):
+            The reference checkpoint: `adapter_config.json` with `disel_gate_*` keys, `adapter_model.safetensors` (or
+            `.bin`), and possibly a separate `gate_weights.safetensors` / `gate_weights.pt`.
+        dst (`str` or `os.PathLike`):
+            The new folder; it must not exist yet or be empty.
+
+    Returns:
+        `dict`: The converted config, as written to `dst/adapter_config.json`.
+    """
+    from .config import LoraConfig
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    with open(os.path.join(src, "adapter_config.json")) as f:
+        config_dict = json.load(f)
+    config = LoraConfig(**convert_reference_disel_config(config_dict))
+    if os.path.isfile(os.path.join(src, "adapter_model.safetensors")):
+        state_dict = safe_load_file(os.path.join(src, "adapter_model.safetensors"))
+    else:
+        state_dict = load_reference_gate_file(os.path.join(src, "adapter_model.bin"))
+    state_dict = merge_reference_gate_files(state_dict, src)
+    options = config.use_disel
+    state_dict = convert_reference_disel_state_dict(state_dict, options.gate_normalize, options.gate_bottleneck_dim)
+
+    if os.path.exists(dst) and os.listdir(dst):
+        raise ValueError(f"{dst} is not empty: choose a new folder for the converted adapter.")
+    os.makedirs(dst, exist_ok=True)
+    skip = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", *REFERENCE_GATE_FILE_NAMES}
+    for name in sorted(set(os.listdir(src)) - skip):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    config.save_pretrained(dst)
+    safe_save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(dst, "adapter_model.safetensors"))
+    with open(os.path.join(dst, "adapter_config.json")) as f:
+        return json.load(f)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=CONVERT_COMMAND, description="Convert a checkpoint of the standalone DISeL reference package."
+    )
+    parser.add_argument("src", help="the reference checkpoint folder")
+    parser.add_argument("dst", help="the new folder for the DISeL adapter of this build")
+    args = parser.parse_args(argv)
+    with open(os.path.join(args.src, "adapter_config.json")) as f:
+        ratio = get_reference_gate_lr_ratio(json.load(f))
+    config = convert_reference_checkpoint(args.src, args.dst)
+    print(f"wrote {args.dst}: a DISeL adapter with use_disel={config['use_disel']}")
+    print(f"to train on with the reference's gate learning rate: create_disel_optimizer(..., gate_lr_ratio={ratio:g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
