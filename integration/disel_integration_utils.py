@@ -35,13 +35,13 @@ def make_tokenizer():
 
 
 def make_base_model(seed=0):
-    """A 2-layer, 32-wide random LlamaForCausalLM, the same for the same seed."""
+    """A 2-layer, 64-wide random LlamaForCausalLM (widths that real models have), the same for the same seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer()
     config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
