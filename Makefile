@@ -12,21 +12,22 @@ TOOL := $(PYTHON) tooling/peftpatch.py
 DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC)' | cat - tooling/requirements.txt | sha1sum | cut -c1-12)
 
 .PHONY: help install tree reset-tree patches check test test-patched known-failures wheel pr quality clean \
-	demo frontier demo-smoke bench bench-quick test-integration test-lm-eval
+	demo frontier demo-smoke bench bench-quick test-integration test-lm-eval test-prs
 
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
 	@echo "make frontier       DISeL's and LoRA's gain-vs-retention curves over their knobs and seeds (~77 min)"
 	@echo "make test           install, then our tests + upstream's test files, patched vs pristine, offline"
 	@echo "make install        .venv with torch ($(TORCH_SPEC)), the test deps and the patched peft (editable)"
-	@echo "make tree           materialise build/peft: pristine sdist + patches/ + our files (symlinked)"
-	@echo "make patches        regenerate the topic series in patches/ from build/peft's commits"
-	@echo "make check          the series applies to the verified sdist, is in sync with build/peft, every file has a topic"
+	@echo "make tree           materialise build/peft: the pristine sdist and one commit per topic of patches/"
+	@echo "make patches        write build/peft's commits back to patches/ and to our files"
+	@echo "make check          the series and each pull request apply to the verified sdist, build/peft is in sync"
 	@echo "make test-patched   a faster test run on the patched tree only (known upstream failures xfailed)"
 	@echo "make test-integration  integration/ only: TRL, DDP and FSDP2 on 2 CPU processes (lm-eval: see below)"
 	@echo "make test-lm-eval   install the pinned lm-eval, then evaluate a DISeL adapter with it (opt-in test)"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
-	@echo "make pr             the upstream pull request, one commit per topic, in dist/pr/ (PEFT_REPO=... applies it)"
+	@echo "make pr             the upstream pull requests in dist/pr/<n>-<topic>/ (PEFT_REPO=...: a branch for each)"
+	@echo "make test-prs       each pull request alone on the pristine sdist (+ those it depends on): import and tests"
 	@echo "make bench          DISeL vs LoRA vs DoRA speed and memory ratios; make bench-quick for a short run"
 	@echo "make quality        ruff on our files and on the patched upstream files"
 
@@ -96,10 +97,8 @@ test-lm-eval: install $(LM_EVAL_STAMP)
 known-failures: install
 	$(PY) tooling/run_tests.py known-failures
 
-# our tooling with ruff.toml; every .py file at an upstream path (upstream's patched files and ours) from build/peft, with
-# upstream's own ruff configuration
-UPSTREAM_PY = $$(git diff --name-only $$(git tag -l 'upstream-*') -- '*.py') \
-	$$(git -C ../.. ls-files 'src/*.py' 'tests/*.py' 'examples/*.py' 'method_comparison/*.py')
+# our tooling with ruff.toml; every .py file that the series adds or changes, in build/peft with upstream's configuration
+UPSTREAM_PY = $$(git diff --name-only --diff-filter=AM $$(git tag -l 'upstream-*') -- '*.py')
 quality: install
 	$(VENV)/bin/ruff check tooling bench demo setup.py $(wildcard integration)
 	$(VENV)/bin/ruff format --check tooling bench demo setup.py $(wildcard integration)
@@ -115,6 +114,10 @@ wheel: $(DEPS_STAMP)
 
 pr:
 	$(TOOL) pr $(if $(PR_BRANCH),--branch $(PR_BRANCH))
+
+# each pull request of dist/pr/ on its own tree (build/pr-test/<n>-<topic>/): the test files it adds or changes
+test-prs: install pr
+	$(PY) tooling/run_tests.py prs $(PYTEST_ARGS)
 
 # --- the main job and the benchmarks -----------------------------------------------------------------------------
 

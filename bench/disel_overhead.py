@@ -87,7 +87,7 @@ def lora_config(variant: str, r: int):
     elif variant == "disel":
         kwargs["use_disel"] = True
     elif variant == f"disel_b{BOTTLENECK}":
-        kwargs.update(use_disel=True, disel_config=DiselConfig(gate_bottleneck_dim=BOTTLENECK))
+        kwargs["use_disel"] = DiselConfig(gate_bottleneck_dim=BOTTLENECK)
     elif variant != "lora":
         raise ValueError(variant)
     return LoraConfig(**kwargs)

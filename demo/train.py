@@ -57,7 +57,7 @@ def lora_config(method: str, cfg: TrainConfig):
     }
     if method == "disel":
         disel = DiselConfig(gate_bias_init=cfg.gate_bias_init, gate_bottleneck_dim=cfg.gate_bottleneck_dim)
-        return LoraConfig(use_disel=True, disel_config=disel, **kwargs)
+        return LoraConfig(use_disel=disel, **kwargs)
     if method == "dora":
         return LoraConfig(use_dora=True, **kwargs)
     if method == "lora":
