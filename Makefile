@@ -12,7 +12,7 @@ TOOL := $(PYTHON) tooling/peftpatch.py
 DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC)' | cat - tooling/requirements.txt | sha1sum | cut -c1-12)
 
 .PHONY: help install tree reset-tree patches check test test-patched known-failures wheel pr quality clean \
-	demo frontier demo-smoke bench bench-quick test-integration test-lm-eval test-prs
+	demo frontier demo-smoke bench bench-quick test-integration test-lm-eval test-prs test-pip-install
 
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
@@ -25,6 +25,7 @@ help:
 	@echo "make test-patched   a faster test run on the patched tree only (known upstream failures xfailed)"
 	@echo "make test-integration  integration/ only: TRL, DDP and FSDP2 on 2 CPU processes (lm-eval: see below)"
 	@echo "make test-lm-eval   install the pinned lm-eval, then evaluate a DISeL adapter with it (opt-in test)"
+	@echo "make test-pip-install  pip install of a clean clone into a fresh venv (build isolation on), then DISeL"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
 	@echo "make pr             the upstream pull requests in dist/pr/<n>-<topic>/ (PEFT_REPO=...: a branch for each)"
 	@echo "make test-prs       each pull request alone on the pristine sdist (+ those it depends on): import and tests"
@@ -81,6 +82,10 @@ INTEGRATION_PYTEST := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=
 	../../$(PY) -m pytest -p no:cacheprovider -o addopts= --import-mode=importlib -q -rs --timeout=600
 test-integration: install
 	cd build/peft && $(INTEGRATION_PYTEST) $(abspath integration)
+
+# `make test` runs this one too: pip install of a clean clone of HEAD, the way users install the fork (~80 s)
+test-pip-install: install
+	cd build/peft && TORCH_SPEC='$(TORCH_SPEC)' $(INTEGRATION_PYTEST) -s $(abspath integration/test_pip_install.py)
 
 # lm-evaluation-harness is a large install (~30 packages), so its test is opt-in: installed here (with torch in the
 # same pip command, constrained by the pins of tooling/requirements.txt) and run with DISEL_LM_EVAL=1

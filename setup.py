@@ -1,7 +1,9 @@
 """`pip install .` of this repository: the patched peft, assembled from the pinned sdist, patches/ and our files.
 
 The package metadata is upstream's own (its setup.py is run with `setup()` intercepted); only the version gets the
-local segment from UPSTREAM, and the sources come from the assembled tree in build/release/.
+local segment from UPSTREAM, and the sources come from the assembled tree in build/release/. pip runs this in an
+isolated build environment with what pyproject.toml declares (setuptools, and pip, which fetches the pinned sdist; or
+PEFT_SDIST names a local copy, see `peftpatch.fetch`).
 """
 
 import os

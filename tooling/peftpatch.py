@@ -96,20 +96,36 @@ def sha256(path):
 
 
 def fetch():
+    """The pinned sdist, checksum-verified: the file PEFT_SDIST names (or the one in the folder it names), else
+    build/upstream/'s copy, else `pip download` (it follows pip.conf and PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / ...)."""
     p = pin()
-    path = BUILD / "upstream" / f"peft-{p['PEFT_VERSION']}.tar.gz"
-    if not path.exists():
+    name = f"peft-{p['PEFT_VERSION']}.tar.gz"
+    path = BUILD / "upstream" / name
+    if os.environ.get("PEFT_SDIST"):
+        path = Path(os.environ["PEFT_SDIST"]).expanduser().absolute()
+        path = path / name if path.is_dir() else path
+        if not path.is_file():
+            raise BuildError(f"PEFT_SDIST={os.environ['PEFT_SDIST']}: there is no file {path}")
+    elif not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         log(f"downloading the peft=={p['PEFT_VERSION']} sdist")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(path.parent)]
         res = run(cmd + [f"peft=={p['PEFT_VERSION']}"], check=False)
         if res.returncode != 0 or not path.exists():
-            raise BuildError(f"could not download the peft=={p['PEFT_VERSION']} sdist:\n{res.stderr[-2000:]}")
+            # pip names its indexes only when they are not just PyPI
+            tried = re.findall(r"(?m)^Looking in (?:indexes|links): (.*)$", res.stdout) or ["https://pypi.org/simple"]
+            raise BuildError(
+                f"could not download the peft=={p['PEFT_VERSION']} sdist (pip looked in {'; '.join(tried)}):\n"
+                f"{res.stderr[-2000:]}\nPoint pip at another index with PIP_INDEX_URL or pip.conf (the --index-url "
+                f"of a `pip install` command line does not reach this build step), or set PEFT_SDIST to a downloaded "
+                f"{name} or the folder that holds it."
+            )
     digest = sha256(path)
     if digest != p["PEFT_SHA256"]:
+        fix = "point PEFT_SDIST at the sdist" if os.environ.get("PEFT_SDIST") else "delete it to download it again"
         raise BuildError(
-            f"checksum mismatch for {path.relative_to(ROOT)}: got sha256 {digest}, UPSTREAM pins "
-            f"{p['PEFT_SHA256']}. Delete the file to download it again; if upstream really changed, update UPSTREAM."
+            f"checksum mismatch for {path}: got sha256 {digest}, UPSTREAM pins {p['PEFT_SHA256']}. It is not the "
+            f"pinned sdist: {fix}; if upstream really changed, update UPSTREAM."
         )
     return path
 
@@ -488,7 +504,7 @@ def cmd_pr(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fetch").set_defaults(fn=lambda a: log(f"verified {fetch().relative_to(ROOT)}"))
+    sub.add_parser("fetch").set_defaults(fn=lambda a: log(f"verified {fetch()}"))
     sub.add_parser("tree").set_defaults(fn=cmd_tree)
     sub.add_parser("reset-tree").set_defaults(fn=lambda a: (shutil.rmtree(TREE, ignore_errors=True), cmd_tree()))
     sub.add_parser("patches").set_defaults(fn=cmd_patches)
