@@ -1,26 +1,16 @@
 #!/usr/bin/env python3
 """Build a patched `peft` from the pinned upstream sdist and our topic series, and emit the upstream pull requests.
 
-The change to upstream is an ordered series of topics (`patches/series`). Each topic is one commit of the development
-tree build/peft/ (a git repository of the pristine sdist, tagged `upstream-<version>`), and is stored here as:
+Each topic of `patches/series` is one commit of build/peft/ (a git repository of the pristine sdist, tagged
+`upstream-<version>`). Here a topic is the files it adds, at their upstream paths as that commit has them, and a
+`git format-patch` file of everything else it changes, whose header ends with the fields `Topic:`, `Depends:` (the
+topics its pull request needs), `Forwarded:` (`no`, or `not-needed` for a fork-only topic) and `Files:` (what it adds).
 
-- the files it adds, as real files at their upstream paths (src/..., tests/..., docs/..., examples/...), as that
-  commit has them;
-- everything else it changes (upstream files, and files that an earlier topic added) as a `git format-patch` file in
-  patches/, whose header ends with the fields `Topic:` (its name), `Depends:` (the topics it needs, for an upstream
-  pull request), `Forwarded:` (`no`, or `not-needed` for a fork-only topic) and `Files:` (the files it adds).
-
-Subcommands (run from the repository root; the Makefile wraps them):
-
-    tree         materialise build/peft (never discards commits or edits that are not in patches/)
-    reset-tree   throw build/peft away and materialise it again
-    patches      write build/peft's commits back to patches/ and to our files
-    check        the series applies to the checksum-verified sdist, each pull request applies to the pristine sdist
-                 plus the topics it depends on, build/peft is in sync, and every file of ours has a topic
-    release DIR  a self-contained patched source tree, as `pip install .` builds it
-    pristine DIR the unpatched sdist (for the regression comparison)
-    pr           one pull request per upstream-bound topic in dist/pr/<n>-<topic>/; with PEFT_REPO=..., also one branch
-                 per pull request in that peft checkout, with the patches of patches/pr-only/ that belong to it
+    tree | reset-tree   materialise build/peft (`tree` never discards commits that are not in patches/)
+    patches             write build/peft's commits back to patches/ and to our files
+    check               the series and each pull request apply to the verified sdist, build/peft is in sync
+    release DIR         the patched source tree that `pip install .` builds; pristine DIR: the unpatched sdist
+    pr                  dist/pr/<n>-<topic>/ for each upstream-bound topic; with PEFT_REPO=..., a branch for each
 """
 
 import argparse
@@ -87,14 +77,6 @@ def pin():
     return values
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch():
     """The pinned sdist, checksum-verified: the file PEFT_SDIST names (or the one in the folder it names), else
     build/upstream/'s copy, else `pip download` (it follows pip.conf and PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / ...)."""
@@ -120,7 +102,7 @@ def fetch():
                 f"of a `pip install` command line does not reach this build step), or set PEFT_SDIST to a downloaded "
                 f"{name} or the folder that holds it."
             )
-    digest = sha256(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != p["PEFT_SHA256"]:
         fix = "point PEFT_SDIST at the sdist" if os.environ.get("PEFT_SDIST") else "delete it to download it again"
         raise BuildError(
@@ -132,10 +114,8 @@ def fetch():
 
 def extract(dest):
     """Extract the verified sdist to `dest` (its top folder stripped). Returns the set of upstream paths."""
-    dest = Path(dest)
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    Path(dest).mkdir(parents=True)
     files = set()
     with tarfile.open(fetch()) as tar:
         for member in tar.getmembers():
@@ -152,14 +132,8 @@ def extract(dest):
 
 def our_files():
     """Our new files at upstream paths: tracked plus untracked-but-not-ignored files in the upstream trees."""
-    if (ROOT / ".git").exists():
-        res = run(["git", "ls-files", "-co", "--exclude-standard", "--", *UPSTREAM_TREES], cwd=ROOT)
-        return sorted(p for p in res.stdout.splitlines() if (ROOT / p).is_file())
-    found = (p for tree in UPSTREAM_TREES for p in (ROOT / tree).rglob("*") if p.is_file())
-    return sorted(str(p.relative_to(ROOT)) for p in found if "__pycache__" not in p.parts)
-
-
-# --- the series --------------------------------------------------------------------------------------------------
+    res = run(["git", "ls-files", "-co", "--exclude-standard", "--", *UPSTREAM_TREES], cwd=ROOT)
+    return sorted(p for p in res.stdout.splitlines() if (ROOT / p).is_file())
 
 
 def series(directory=PATCHES):
@@ -190,10 +164,10 @@ def with_files_field(header, files):
     return "\n".join(lines + ([f"Files: {' '.join(files)}"] if files else [])) + "\n"
 
 
-def topics(patches=None):
+def topics():
     """[(patch, its fields)] in series order, with the fields checked."""
     result, names = [], set()
-    for patch in patches or series():
+    for patch in series():
         f = fields(patch.read_text())
         name = f.get("Topic", "")
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name) or name in names:
@@ -204,22 +178,6 @@ def topics(patches=None):
         names.add(name)
         result.append((patch, f))
     return result
-
-
-def apply_topic(tree, patch, files):
-    """Apply one topic to `tree` (no repository needed): its patch, then the files it adds."""
-    if "\ndiff --git " in patch.read_text():
-        res = git(tree, "apply", "--whitespace=nowarn", str(patch), check=False)
-        if res.returncode != 0:
-            raise BuildError(
-                f"{patch.relative_to(ROOT)} no longer applies to peft {pin()['PEFT_VERSION']}:\n{res.stderr}\n"
-                "Refresh it: `make tree` stops at the failing patch in build/peft; fix it there, then `make patches`."
-            )
-    for rel in files:
-        if not (ROOT / rel).is_file():
-            raise BuildError(f"{patch.name} adds {rel}, which is not in this repository")
-        (Path(tree) / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, Path(tree) / rel)
 
 
 def stamp(tree):
@@ -236,22 +194,14 @@ def stamp(tree):
 
 def reference_tree(dest):
     """Pristine sdist + the series + the version stamp: what the patched package holds."""
-    upstream = extract(dest)
-    for patch, f in topics():
-        clash = set(f.get("Files", "").split()) & upstream
-        if clash:
-            raise BuildError(f"{patch.name} adds {sorted(clash)}, which the sdist has: change them through a patch")
-        apply_topic(dest, patch, f.get("Files", "").split())
+    build_repo(Path(dest))
     stamp(dest)
-
-
-# --- the development tree ----------------------------------------------------------------------------------------
 
 
 def build_repo(path):
     """A git repository of the pristine sdist at `path` (tag `upstream-<version>`), one commit per topic."""
     p = pin()
-    extract(path)
+    upstream = extract(path)
     git(path, "init", "-q")
     git(path, "config", "core.autocrlf", "false")
     git(path, "add", "-A")
@@ -267,6 +217,8 @@ def build_repo(path):
             )
         if f.get("Files"):  # the files it adds, folded into its commit
             for rel in f["Files"].split():
+                if rel in upstream or not (ROOT / rel).is_file():
+                    raise BuildError(f"{patch.name} adds {rel}: an upstream file, or one this repository lacks")
                 (path / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ROOT / rel, path / rel)
             git(path, "add", "--", *f["Files"].split())
@@ -302,12 +254,8 @@ def export(repo):
 def in_sync():
     """Whether build/peft's commits are what patches/ and our files describe."""
     patches, files = export(TREE)
-    stored = {q.name: q.read_text() for q in series()}
-    return (
-        patches == stored
-        and set(files) == set(our_files())
-        and all((ROOT / f).read_bytes() == files[f] for f in files)
-    )
+    same_files = set(files) == set(our_files()) and all((ROOT / f).read_bytes() == files[f] for f in files)
+    return same_files and patches == {q.name: q.read_text() for q in series()}
 
 
 def tree_dirty():
@@ -353,8 +301,7 @@ def cmd_patches(_args=None):
     if tree_dirty():
         raise BuildError(
             "build/peft has uncommitted edits; commit them to their topic first, e.g.\n  cd build/peft && git commit "
-            f"-a --fixup=<topic commit> && git rebase -q -i --autosquash {pin()['TAG']}\n"
-            "(`git log --oneline` lists the topics)"
+            f"-a --fixup=<topic commit> && git rebase -q -i --autosquash {pin()['TAG']}"
         )
     patches, files = export(TREE)
     for old in series():
@@ -370,9 +317,6 @@ def cmd_patches(_args=None):
     topics()
     git(TREE, "update-ref", BUILT_REF, "HEAD")
     log(f"wrote {len(patches)} topic patches to patches/ and {len(files)} files of ours")
-
-
-# --- the upstream pull requests -------------------------------------------------------------------------------------
 
 
 def pull_requests(repo):
@@ -399,6 +343,9 @@ def pull_requests(repo):
                     f"topic {f['Topic']} does not apply to the pristine sdist plus {below}: {topic} conflicts\n"
                     f"{res.stdout}{res.stderr}\nName the topic it needs in `Depends:`, or keep the two apart."
                 )
+        # the fields are this repository's bookkeeping, not upstream's
+        message = fields_free(git(repo, "log", "-1", "--format=%B").stdout)
+        git(repo, "commit", "-q", "--amend", "--allow-empty", "-m", message)
         prs.append((len(prs) + 1, f["Topic"], f, below))
     git(repo, "checkout", "-q", commits[-1])
     return prs
@@ -453,30 +400,15 @@ def cmd_pr(args):
     for patch in series(PR_ONLY):
         pr_only.setdefault(fields(patch.read_text()).get("Topic"), []).append(patch)
     for n, topic, f, below in prs:
-        git(work, "checkout", "-q", f"pr/{topic}")  # the fields are this repository's bookkeeping, not upstream's
-        git(
-            work,
-            "commit",
-            "-q",
-            "--amend",
-            "--allow-empty",
-            "-m",
-            fields_free(git(work, "log", "-1", "--format=%B").stdout),
-        )
         git(work, *FORMAT_PATCH, "-o", folder[topic], "-1", f"pr/{topic}")
+        subject, _, body = git(work, "log", "-1", "--format=%B", f"pr/{topic}").stdout.partition("\n")
+        needs = ", ".join(folder[t].name for t in below) or "nothing: it applies to upstream as it is"
+        extra = [p.name for p in pr_only.get(topic, [])]
         for patch in pr_only.get(topic, []):
             shutil.copy2(patch, folder[topic] / f"pr-only-{patch.name}")
-        message = git(work, "log", "-1", "--format=%B", f"pr/{topic}").stdout
-        subject, _, body = fields_free(message).partition("\n")
-        needs = ", ".join(folder[t].name for t in below) or "nothing: it applies to upstream as it is"
-        (folder[topic] / "PR_DESCRIPTION.md").write_text(
-            f"# {subject}\n{body.rstrip()}\n\nDepends on: {needs}.\n"
-            + (
-                f"Also changes files the sdist lacks: {', '.join(p.name for p in pr_only[topic])}.\n"
-                if topic in pr_only
-                else ""
-            )
-        )
+        description = f"# {subject}\n{body.rstrip()}\n\nDepends on: {needs}.\n"
+        description += f"Also changes files the sdist lacks: {', '.join(extra)}.\n" if extra else ""
+        (folder[topic] / "PR_DESCRIPTION.md").write_text(description)
     log(f"wrote {len(prs)} pull requests against peft {pin()['PEFT_VERSION']} to dist/pr/")
 
     repo = os.environ.get("PEFT_REPO")
@@ -504,12 +436,10 @@ def cmd_pr(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fetch").set_defaults(fn=lambda a: log(f"verified {fetch()}"))
-    sub.add_parser("tree").set_defaults(fn=cmd_tree)
-    sub.add_parser("reset-tree").set_defaults(fn=lambda a: (shutil.rmtree(TREE, ignore_errors=True), cmd_tree()))
-    sub.add_parser("patches").set_defaults(fn=cmd_patches)
-    sub.add_parser("check").set_defaults(fn=cmd_check)
-    sub.add_parser("version").set_defaults(fn=lambda a: print(pin()["FULL_VERSION"]))
+    reset = lambda a: (shutil.rmtree(TREE, ignore_errors=True), cmd_tree())  # noqa: E731
+    commands = {"fetch": lambda a: log(f"verified {fetch()}"), "tree": cmd_tree, "reset-tree": reset}
+    for name, fn in {**commands, "patches": cmd_patches, "check": cmd_check}.items():
+        sub.add_parser(name).set_defaults(fn=fn)
     for name, fn in (("release", reference_tree), ("pristine", extract)):
         p = sub.add_parser(name)
         p.add_argument("dest")

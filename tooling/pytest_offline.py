@@ -1,12 +1,7 @@
-"""pytest plugin for running upstream PEFT's test files offline on the patched and on the pristine tree.
-
-- Forces Hugging Face Hub offline mode and neutralises `testing_utils.hub_online_once`, which would switch offline
-  mode off for the first use of each model id and burn ~46 s in connection retries per test.
-- Marks the tests listed in `tooling/upstream-known-failures.txt` (tests that fail on the *pristine* upstream tree in
-  this environment, each with its reason) as non-strict xfail, so a run fails only on something new. `make
-  test-upstream` checks that each listed test does fail on the pristine tree, which keeps the list honest.
-
-Load it with `-p pytest_offline` and `tooling/` on PYTHONPATH.
+"""pytest plugin (`-p pytest_offline`, tooling/ on PYTHONPATH) for upstream PEFT's test files, offline, on the patched and
+the pristine tree: Hub offline mode, `testing_utils.hub_online_once` neutralised (it would switch offline mode off and
+burn ~46 s in retries per test), and the tests of `upstream-known-failures.txt` (they fail on the pristine tree here,
+each with its reason) marked as non-strict xfail, so that a run fails only on something new.
 """
 
 import contextlib

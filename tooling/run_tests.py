@@ -1,14 +1,12 @@
 #!/usr/bin/env python3
 """Run the project's tests offline on the patched tree, and compare upstream's test files with the pristine sdist.
 
-run_tests.py test     [pytest args]  `make test`: our tests and the upstream test files we run on the patched tree,
-                                     the same upstream files on the pristine sdist, then the regression rule: the
-                                     patched tree may fail nothing that the pristine tree passes
-run_tests.py patched  [pytest args]  a quicker development run on the patched tree only: the tests listed in
-                                     tooling/upstream-known-failures.txt are xfailed/skipped, anything else fails
-run_tests.py known-failures          rewrite tooling/upstream-known-failures.txt from a pristine run
-run_tests.py prs      [pytest args]  each pull request of dist/pr/ (`make pr`) applied with `git am` to the pristine
-                                     sdist after the ones it depends on: peft imports, and its test files pass
+test     [pytest args]  `make test`: our tests and the upstream test files we run on the patched tree, the same
+                        upstream files on the pristine sdist; the patched tree may fail nothing that pristine passes
+patched  [pytest args]  the patched tree only, upstream's known failures (upstream-known-failures.txt) xfailed
+prs      [pytest args]  each pull request of dist/pr/ applied with `git am` to the pristine sdist after the ones it
+                        depends on: peft imports, and the test files it adds or changes pass
+known-failures          rewrite tooling/upstream-known-failures.txt from a pristine run
 """
 
 import os
@@ -18,7 +16,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from pytest_offline import normalise_id
+from pytest_offline import known_failures, normalise_id
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,12 +24,8 @@ TREE = ROOT / "build" / "peft"
 PRISTINE = ROOT / "build" / "pristine"
 PY = ROOT / ".venv" / "bin" / "python"
 # Upstream test files that run in full on both trees: every test file we patch, plus the LoRA files our code touches.
-UPSTREAM_FILES = [
-    "tests/test_custom_models.py",
-    "tests/test_lora_variants.py",
-    "tests/test_config.py",
-    "tests/test_initialization.py",
-]
+UPSTREAM_FILES = ["tests/test_custom_models.py", "tests/test_lora_variants.py", "tests/test_config.py"]
+UPSTREAM_FILES += ["tests/test_initialization.py"]
 
 
 def our_test_files():
@@ -45,39 +39,16 @@ def our_test_files():
 
 
 def pytest(tree, files, junit, extra, pythonpath, known=True):
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([*pythonpath, str(ROOT / "tooling")]),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*pythonpath, str(ROOT / "tooling")]), "OMP_NUM_THREADS": "1"}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if not known:
         env["PEFT_NO_KNOWN_FAILURES"] = "1"
     workers = os.environ.get("PYTEST_WORKERS", "2")
-    cmd = [
-        str(PY),
-        "-m",
-        "pytest",
-        "-p",
-        "pytest_offline",
-        "--import-mode=importlib",
-        "-o",
-        "addopts=",
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        "-rfE",
-        "--tb=line",
-        f"--junitxml={junit}",
-        "--timeout=900",
-        # the tree's own pytest configuration and rootdir, also when test files outside it (ours) are passed: node
-        # ids stay `tests/...` on both trees, which the regression rule compares
-        "-c",
-        "pyproject.toml",
-        "--rootdir",
-        ".",
-    ]
+    # the tree's own pytest configuration and rootdir, also when test files outside it (ours) are passed: node ids
+    # stay `tests/...` on both trees, which the regression rule compares
+    cmd = [str(PY), "-m", "pytest", "-p", "pytest_offline", "--import-mode=importlib", "-o", "addopts="]
+    cmd += ["-p", "no:cacheprovider", "-q", "-rfE", "--tb=line", f"--junitxml={junit}", "--timeout=900"]
+    cmd += ["-c", "pyproject.toml", "--rootdir", "."]
     if workers != "0":
         cmd += ["-n", workers]
     print("+", " ".join(cmd[1:] + files + extra), f"(in {tree.relative_to(ROOT)})", flush=True)
@@ -136,26 +107,20 @@ def test_pull_requests(extra):
         own = sorted(folders[name].glob("0*.patch"))
         tree = ROOT / "build" / "pr-test" / name
         subprocess.run([sys.executable, str(ROOT / "tooling" / "peftpatch.py"), "pristine", str(tree)], check=True)
-        git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-C", str(tree)]
-        subprocess.run(git + ["init", "-q"], check=True)
-        subprocess.run(git + ["add", "-A"], check=True)
-        subprocess.run(git + ["commit", "-qm", "pristine"], check=True)
-        applied = subprocess.run(git + ["am", "-q", *map(str, patches + own)], check=False).returncode == 0
+        git = f"git -c user.name=t -c user.email=t@localhost -C {tree}"
+        subprocess.run(f"{git} init -q && {git} add -A && {git} commit -qm pristine", shell=True, check=True)
+        applied = subprocess.run([*git.split(), "am", "-q", *map(str, patches + own)], check=False).returncode == 0
         env = {**os.environ, "PYTHONPATH": str(tree / "src")}
-        imports = (
-            applied and subprocess.run([str(PY), "-c", "import peft"], env=env, cwd=tree, check=False).returncode == 0
-        )
-        touched = {
-            line.split(" b/")[-1] for p in own for line in p.read_text().splitlines() if line.startswith("diff --git")
-        }
-        files = sorted(f for f in touched if f.startswith("tests/test_") and f != "tests/test_gpu_examples.py")
+        run = subprocess.run([str(PY), "-c", "import peft"], env=env, cwd=tree, check=False) if applied else None
+        imports = run is not None and run.returncode == 0
+        diffs = [
+            line.split(" b/")[-1] for p in own for line in p.read_text().splitlines() if line.startswith("diff --")
+        ]
+        files = sorted({f for f in diffs if f.startswith("tests/test_") and f != "tests/test_gpu_examples.py"})
         start, junit = time.time(), tree / "results.xml"
         rc = pytest(tree, files, junit, extra, [str(tree / "src")]) if imports else 1
-        counts = (
-            {o: sum(v == o for v in outcomes(junit).values()) for o in ("passed", "failed", "skipped")}
-            if imports
-            else {}
-        )
+        seen = list(outcomes(junit).values()) if imports else []
+        counts = {o: seen.count(o) for o in ("passed", "failed", "skipped", "xfailed")}
         print(
             f"PR {name}: applies {applied}, imports {imports}, {files}: {counts}, {time.time() - start:.0f} s",
             flush=True,
@@ -168,11 +133,7 @@ def regression_rule(patched, pristine):
     """The patched tree may fail nothing that the pristine tree passes; our own tests (absent there) may fail nothing."""
     regressions = sorted(t for t, o in patched.items() if o == "failed" and pristine.get(t) != "failed")
     upstream_failures = sorted(t for t, o in patched.items() if o == "failed" and pristine.get(t) == "failed")
-    known = {
-        normalise_id(line.split(" | ")[0].strip())
-        for line in (ROOT / "tooling" / "upstream-known-failures.txt").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    }
+    known = set(known_failures())
     unlisted = sorted(set(upstream_failures) - known)
     stale = sorted(t for t in known if pristine.get(t) == "passed")
     ours = sum(1 for t in patched if t not in pristine)
@@ -188,9 +149,8 @@ def regression_rule(patched, pristine):
         print(f"note: listed in upstream-known-failures.txt but passes on pristine: {t}")
     for t in regressions:
         print(f"REGRESSION (fails on the patched tree, not on pristine upstream): {t}")
-    n_pass = sum(o == "passed" for o in patched.values())
     print("regression rule (failures that pristine upstream shares are not counted):")
-    print(f"{n_pass} passed, {len(regressions)} failed")
+    print(f"{sum(o == 'passed' for o in patched.values())} passed, {len(regressions)} failed")
     return 1 if regressions else 0
 
 
@@ -206,12 +166,9 @@ def write_known_failures(junit):
             msg = e.get("message") or ""
             parts = tc.get("classname").split(".")
             nodeid = normalise_id("/".join(parts[:2]) + ".py::" + "::".join(parts[2:] + [tc.get("name")]))
+            reason = (msg.splitlines() or ["fails on pristine"])[0][:150]
             if any(s in msg for s in ("adapter_config.json", "offline", "LocalEntryNotFound", "huggingface.co")):
                 reason = "needs the Hugging Face Hub (tests run offline)"
-            elif "is_gradient_checkpointing" in msg:
-                reason = "transformers FutureWarning on is_gradient_checkpointing, turned into an error by pyproject"
-            else:
-                reason = (msg.splitlines() or ["fails on pristine"])[0][:150]
             lines.append(f"{nodeid} | {'[setup-error] ' if tag == 'error' else ''}{reason}")
     path.write_text("\n".join(header) + "\n" + "\n".join(sorted(set(lines))) + "\n")
     print(f"wrote {len(set(lines))} known failures to {path.relative_to(ROOT)}")
