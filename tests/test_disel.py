@@ -163,6 +163,14 @@ class TestDiselLayer:
             gated = layer.lora_B["default"](a * torch.sigmoid(norm * X @ w_g.T + gate.bias)) * layer.scaling["default"]
             torch.testing.assert_close(out, base + gated)
 
+    def test_torch_compile_matches_eager(self):
+        # the gate's module call for each gate form, under inductor
+        for options in ({"gate_normalize": True}, {"gate_bottleneck_dim": 3, "gate_normalize": True}):
+            model = get_model(use_disel=options)
+            torch._dynamo.reset()
+            with torch.no_grad():
+                torch.testing.assert_close(torch.compile(model)(X), model(X), rtol=1e-4, atol=1e-5)
+
     def test_gates_get_a_gradient_once_lora_b_moves(self):
         # B starts at zero, so the gates cannot change the output and their gradient is exactly zero at first
         model = get_model(init_lora_weights=True)

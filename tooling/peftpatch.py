@@ -328,6 +328,7 @@ def pull_requests(repo):
         below = []
         for dep in f.get("Depends", "").split():
             below += [t for t in known[dep][1] + [dep] if t not in below]
+        below.sort(key=list(known).index)  # in series order, as `git am` of the pull requests applies them
         known[f["Topic"]] = (commit, below)
         if f.get("Forwarded") == "not-needed":
             fork_only.add(f["Topic"])

@@ -109,7 +109,9 @@ def test_pull_requests(extra):
         subprocess.run([sys.executable, str(ROOT / "tooling" / "peftpatch.py"), "pristine", str(tree)], check=True)
         git = f"git -c user.name=t -c user.email=t@localhost -C {tree}"
         subprocess.run(f"{git} init -q && {git} add -A && {git} commit -qm pristine", shell=True, check=True)
-        applied = subprocess.run([*git.split(), "am", "-q", *map(str, patches + own)], check=False).returncode == 0
+        applied = (
+            subprocess.run([*git.split(), "am", "-q", "-3", *map(str, patches + own)], check=False).returncode == 0
+        )
         env = {**os.environ, "PYTHONPATH": str(tree / "src")}
         run = subprocess.run([str(PY), "-c", "import peft"], env=env, cwd=tree, check=False) if applied else None
         imports = run is not None and run.returncode == 0

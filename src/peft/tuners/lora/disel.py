@@ -57,10 +57,13 @@ class DiselGate(nn.Module):
         self.norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.weight)
-        if self.weight_up is not None:
-            h = F.linear(h, self.weight_up)
-        return torch.add(self.bias, h, alpha=self.norm)  # norm * W_g x + bias in one op
+        # norm * W_g x + bias as one addmm: the norm scales the small weight, not the activations
+        if self.weight_up is None:
+            return F.linear(x, self._scaled(self.weight), self.bias)
+        return F.linear(F.linear(x, self.weight), self._scaled(self.weight_up), self.bias)
+
+    def _scaled(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.norm if self.norm != 1.0 else weight
 
     @torch.no_grad()
     def reset_parameters(self, weight_init: str) -> None:
