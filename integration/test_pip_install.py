@@ -86,9 +86,9 @@ def test_pip_install_clean_clone_with_build_isolation(tmp_path):
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: nothing to clone")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-    version = subprocess.run(
-        [sys.executable, str(ROOT / "tooling" / "peftpatch.py"), "version"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    lines = (ROOT / "UPSTREAM").read_text().splitlines()
+    pin = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    version = f"{pin['PEFT_VERSION']}+{pin['LOCAL_VERSION']}"
     # the user's environment and pip configuration, without anything that would switch build isolation off or put
     # this repository's trees on the fresh venv's path
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_NO_BUILD_ISOLATION", "PIP_USER")}
