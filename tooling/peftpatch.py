@@ -182,14 +182,13 @@ def topics():
 
 def stamp(tree):
     p = pin()
-    for path, pattern in STAMPED.items():
-        f = Path(tree) / path
-        old, new = pattern.format(v=p["PEFT_VERSION"]), pattern.format(v=p["FULL_VERSION"])
-        text = f.read_text()
-        if text.count(new) != 1:
-            if text.count(old) != 1:
-                raise BuildError(f"cannot stamp the local version into {path}: expected `{old}` exactly once")
-            f.write_text(text.replace(old, new))
+    for path, pattern in STAMPED.items():  # the release's version, whatever local version the file had
+        f, stamped = Path(tree) / path, pattern.format(v=p["FULL_VERSION"])
+        old = re.escape(pattern).replace(r"\{v\}", re.escape(p["PEFT_VERSION"]) + r'(\+[^"]*)?')
+        text, n = re.subn(old, stamped.replace("\\", "\\\\"), f.read_text())
+        if n != 1:
+            raise BuildError(f"cannot stamp the local version into {path}: expected `{stamped}` exactly once")
+        f.write_text(text)
 
 
 def reference_tree(dest):
@@ -281,6 +280,7 @@ def cmd_tree(_args=None):
         if head == built and in_sync():
             if tree_dirty():
                 log("build/peft has uncommitted edits (tested as they are; commit them to their topic)")
+            finish_tree()  # the version stamp follows UPSTREAM
             return log(f"build/peft is peft {p['FULL_VERSION']}: {len(series())} topics")
         if tree_dirty() or head != built:
             raise BuildError(
