@@ -23,7 +23,7 @@ help:
 	@echo "make patches        regenerate the topic series in patches/ from build/peft's commits"
 	@echo "make check          the series applies to the verified sdist, is in sync with build/peft, every file has a topic"
 	@echo "make test-patched   a faster test run on the patched tree only (known upstream failures xfailed)"
-	@echo "make test-integration  integration/ only: TRL, DDP and FSDP2 on 2 CPU processes (lm-eval: see below)"
+	@echo "make test-integration  integration/ only: TRL, DDP, FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (lm-eval: see below)"
 	@echo "make test-lm-eval   install the pinned lm-eval, then evaluate a DISeL adapter with it (opt-in test)"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
 	@echo "make pr             the upstream pull request, one commit per topic, in dist/pr/ (PEFT_REPO=... applies it)"
@@ -75,7 +75,8 @@ test: install
 test-patched: install
 	$(PY) tooling/run_tests.py patched $(PYTEST_ARGS)
 
-# integration/: TRL, DDP (accelerate launch) and FSDP2 (torchrun) on 2 CPU processes; `make test` runs them too
+# integration/: TRL, DDP (accelerate launch), FSDP2 and DeepSpeed ZeRO-2/3 (torchrun) on 2 CPU processes; `make test` runs
+# them too
 INTEGRATION_PYTEST := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
 	../../$(PY) -m pytest -p no:cacheprovider -o addopts= --import-mode=importlib -q -rs --timeout=600
 test-integration: install
