@@ -6,13 +6,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Never an unpinned torch: that pulls a multi-GB CUDA build. Override for another build, e.g. TORCH_SPEC=torch==2.14.1
+# Never an unpinned torch: that pulls a multi-GB CUDA build. Override for another build, e.g. TORCH_SPEC=torch==2.14.1;
+# for a CUDA build from PyTorch's own index, name the build and the index (pip's --extra-index-url, so that everything
+# else still comes from the package index): TORCH_SPEC=torch==2.13.0+cu128 TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_PIP_ARGS = '$(TORCH_SPEC)' $(if $(TORCH_INDEX),--extra-index-url '$(TORCH_INDEX)')
 TOOL := $(PYTHON) tooling/peftpatch.py
-DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC)' | cat - tooling/requirements.txt | sha1sum | cut -c1-12)
+DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC) $(TORCH_INDEX)' | cat - tooling/requirements.txt | sha1sum | cut -c1-12)
 
 .PHONY: help install tree reset-tree patches check test test-patched known-failures wheel pr quality clean \
-	demo frontier demo-smoke bench bench-quick test-integration test-lm-eval
+	demo frontier demo-smoke bench bench-quick gpu-check test-integration test-lm-eval
 
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
@@ -27,7 +31,8 @@ help:
 	@echo "make test-lm-eval   install the pinned lm-eval, then evaluate a DISeL adapter with it (opt-in test)"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
 	@echo "make pr             the upstream pull request, one commit per topic, in dist/pr/ (PEFT_REPO=... applies it)"
-	@echo "make bench          DISeL vs LoRA vs DoRA speed and memory ratios; make bench-quick for a short run"
+	@echo "make bench          DISeL vs LoRA vs DoRA speed, decoding and memory ratios; make bench-quick for a short run"
+	@echo "make gpu-check      on a CUDA GPU: the DISeL and QLoRA tests, the demo's smoke tests and make bench there"
 	@echo "make quality        ruff on our files and on the patched upstream files"
 
 # --- install -------------------------------------------------------------------------------------------------------
@@ -37,7 +42,7 @@ $(PY):
 
 $(DEPS_STAMP): | $(PY)
 	$(PIP) install --upgrade pip
-	$(PIP) install '$(TORCH_SPEC)' -r tooling/requirements.txt
+	$(PIP) install $(TORCH_PIP_ARGS) -r tooling/requirements.txt
 	rm -f $(VENV)/.deps-* && touch $@
 
 tree:
@@ -88,7 +93,7 @@ LM_EVAL_PKG := lm-eval==0.4.13
 LM_EVAL_STAMP := $(VENV)/.lm-eval-$(subst ==,-,$(LM_EVAL_PKG))
 
 $(LM_EVAL_STAMP): | $(DEPS_STAMP)
-	$(PIP) install '$(TORCH_SPEC)' '$(LM_EVAL_PKG)' -c tooling/requirements.txt
+	$(PIP) install $(TORCH_PIP_ARGS) '$(LM_EVAL_PKG)' -c tooling/requirements.txt
 	rm -f $(VENV)/.lm-eval-* && touch $@
 
 test-lm-eval: install $(LM_EVAL_STAMP)
@@ -142,11 +147,18 @@ demo: install $(DEMO_MODEL_STAMP) $(DEMO_SDIST)
 frontier: install $(DEMO_MODEL_STAMP) $(DEMO_SDIST)
 	$(PY) demo/frontier.py $(FRONTIER_ARGS)
 
+# BENCH_ARGS passes flags, e.g. BENCH_ARGS="--device cpu" or "--decode-only --profile-decode" (bench/disel_overhead.py -h)
 bench: install
-	$(PY) bench/disel_overhead.py
+	$(PY) bench/disel_overhead.py $(BENCH_ARGS)
 
 bench-quick: install
-	$(PY) bench/disel_overhead.py --quick
+	$(PY) bench/disel_overhead.py --quick $(BENCH_ARGS)
+
+# the checks that need a CUDA GPU, never part of `make test` or CI: the DISeL tests, QLoRA on bitsandbytes' CUDA
+# kernels, the demo's smoke tests and `make bench` on the GPU (logs in build/gpu-check/). Without a GPU it says so and
+# does nothing else, so it does not install either: run `make install` (with a CUDA torch, TORCH_SPEC) first.
+gpu-check:
+	@bash bench/gpu_check.sh
 
 clean:
 	rm -rf build dist $(VENV)

@@ -14,8 +14,8 @@ DEVICE_HELP = (
     "'mps'"
 )
 CUDA_HINT = (
-    "Install torch's CUDA build into the venv, e.g. `make install TORCH_SPEC=\"torch==2.13.0 --index-url "
-    'https://download.pytorch.org/whl/cu128"` (see README.md), or run on the CPU with --device cpu.'
+    "Install torch's CUDA build into the venv, e.g. `make install TORCH_SPEC=torch==2.13.0+cu128 "
+    "TORCH_INDEX=https://download.pytorch.org/whl/cu128` (see README.md), or run on the CPU with --device cpu."
 )
 
 
