@@ -186,6 +186,8 @@ class Frontier:
         cache = Path(args.cache)
         self.model_path = resolve_model(args.model, cache / "smollm2", log=log)
         self.device = pick_device(args.device)
+        # the workers' device (on the CPU they run one torch thread each, whatever this process has)
+        self.device_label = "cpu" if self.device.type == "cpu" else describe(self.device)
         # the runs share one accelerator; on the CPU they share its cores
         self.workers = args.workers or (_default_workers() if self.device.type == "cpu" else 1)
         self.data_spec = {
@@ -365,7 +367,7 @@ def run(args) -> int:
     log(
         f"frontier ({args.budget_name} budget): {len(settings)} points x {len(seeds)} seed(s), "
         f"{budget['steps']} steps x {args.batch_size}, r={args.rank}, {budget['n_test']} test problems; model {args.model}; "
-        f"device {describe(fr.device)}, {fr.workers} worker(s)"
+        f"device {fr.device_label}, {fr.workers} worker(s)"
     )
     done = fr.run_all([base_job, *jobs.values()])
     base = done[base_job["path"]]
@@ -392,7 +394,7 @@ def run(args) -> int:
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "workers": fr.workers,
-            "device": describe(fr.device),
+            "device": fr.device_label,
         },
         "wall_seconds": wall,
         "run_seconds": run_seconds,

@@ -178,6 +178,8 @@ def main():
         seed=0,
     )
     rank = training_args.process_index
+    # the Trainer's own count: it sizes the DeepSpeed batch and shards the data by it
+    assert training_args.world_size == world, f"the Trainer sees {training_args.world_size} process(es), not {world}"
     if args.stage:
         import torch.distributed as dist
 
