@@ -6,13 +6,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Never an unpinned torch: that pulls a multi-GB CUDA build. Override for another build, e.g. TORCH_SPEC=torch==2.14.1
+# Never an unpinned torch: that pulls a multi-GB CUDA build. Override for another build, e.g. TORCH_SPEC=torch==2.14.1;
+# for a CUDA build from PyTorch's own index, name the build and the index (pip's --extra-index-url, so that everything
+# else still comes from the package index): TORCH_SPEC=torch==2.13.0+cu128 TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_PIP_ARGS = '$(TORCH_SPEC)' $(if $(TORCH_INDEX),--extra-index-url '$(TORCH_INDEX)')
 TOOL := $(PYTHON) tooling/peftpatch.py
-DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC)' | cat - tooling/requirements.txt | sha1sum | cut -c1-12)
+DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC) $(TORCH_INDEX)' | cat - tooling/requirements.txt | sha1sum | cut -c1-12)
 
 .PHONY: help install tree reset-tree patches check test test-patched known-failures wheel pr quality clean \
-	demo frontier demo-smoke bench bench-quick test-integration test-lm-eval test-prs test-pip-install
+	demo frontier demo-smoke bench bench-quick gpu-check test-integration test-lm-eval test-prs test-pip-install
 
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
@@ -23,13 +27,14 @@ help:
 	@echo "make patches        write build/peft's commits back to patches/ and to our files"
 	@echo "make check          the series and each pull request apply to the verified sdist, build/peft is in sync"
 	@echo "make test-patched   a faster test run on the patched tree only (known upstream failures xfailed)"
-	@echo "make test-integration  integration/ only: TRL, DDP and FSDP2 on 2 CPU processes (lm-eval: see below)"
+	@echo "make test-integration  integration/ only: TRL, DDP, FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (lm-eval: see below)"
 	@echo "make test-lm-eval   install the pinned lm-eval, then evaluate a DISeL adapter with it (opt-in test)"
 	@echo "make test-pip-install  pip install of a clean clone into a fresh venv (build isolation on), then DISeL"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
 	@echo "make pr             the upstream pull requests in dist/pr/<n>-<topic>/ (PEFT_REPO=...: a branch for each)"
 	@echo "make test-prs       each pull request alone on the pristine sdist (+ those it depends on): import and tests"
-	@echo "make bench          DISeL vs LoRA vs DoRA speed and memory ratios; make bench-quick for a short run"
+	@echo "make bench          DISeL vs LoRA vs DoRA speed, decoding and memory ratios; make bench-quick for a short run"
+	@echo "make gpu-check      on a CUDA GPU: the DISeL and QLoRA tests, the demo's smoke tests and make bench there"
 	@echo "make quality        ruff on our files and on the patched upstream files"
 
 # --- install -------------------------------------------------------------------------------------------------------
@@ -39,7 +44,7 @@ $(PY):
 
 $(DEPS_STAMP): | $(PY)
 	$(PIP) install --upgrade pip
-	$(PIP) install '$(TORCH_SPEC)' -r tooling/requirements.txt
+	$(PIP) install $(TORCH_PIP_ARGS) -r tooling/requirements.txt
 	rm -f $(VENV)/.deps-* && touch $@
 
 tree:
@@ -77,7 +82,8 @@ test: install
 test-patched: install
 	$(PY) tooling/run_tests.py patched $(PYTEST_ARGS)
 
-# integration/: TRL, DDP (accelerate launch) and FSDP2 (torchrun) on 2 CPU processes; `make test` runs them too
+# integration/: TRL, DDP (accelerate launch), FSDP2 and DeepSpeed ZeRO-2/3 (torchrun) on 2 CPU processes; `make test` runs
+# them too
 INTEGRATION_PYTEST := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
 	../../$(PY) -m pytest -p no:cacheprovider -o addopts= --import-mode=importlib -q -rs --timeout=600
 test-integration: install
@@ -93,7 +99,7 @@ LM_EVAL_PKG := lm-eval==0.4.13
 LM_EVAL_STAMP := $(VENV)/.lm-eval-$(subst ==,-,$(LM_EVAL_PKG))
 
 $(LM_EVAL_STAMP): | $(DEPS_STAMP)
-	$(PIP) install '$(TORCH_SPEC)' '$(LM_EVAL_PKG)' -c tooling/requirements.txt
+	$(PIP) install $(TORCH_PIP_ARGS) '$(LM_EVAL_PKG)' -c tooling/requirements.txt
 	rm -f $(VENV)/.lm-eval-* && touch $@
 
 test-lm-eval: install $(LM_EVAL_STAMP)
@@ -149,11 +155,18 @@ demo: install $(DEMO_MODEL_STAMP) $(DEMO_SDIST)
 frontier: install $(DEMO_MODEL_STAMP) $(DEMO_SDIST)
 	$(PY) demo/frontier.py $(FRONTIER_ARGS)
 
+# BENCH_ARGS passes flags, e.g. BENCH_ARGS="--device cpu" or "--decode-only --profile-decode" (bench/disel_overhead.py -h)
 bench: install
-	$(PY) bench/disel_overhead.py
+	$(PY) bench/disel_overhead.py $(BENCH_ARGS)
 
 bench-quick: install
-	$(PY) bench/disel_overhead.py --quick
+	$(PY) bench/disel_overhead.py --quick $(BENCH_ARGS)
+
+# the checks that need a CUDA GPU, never part of `make test` or CI: the DISeL tests, QLoRA on bitsandbytes' CUDA
+# kernels, the demo's smoke tests and `make bench` on the GPU (logs in build/gpu-check/). Without a GPU it says so and
+# does nothing else, so it does not install either: run `make install` (with a CUDA torch, TORCH_SPEC) first.
+gpu-check:
+	@bash bench/gpu_check.sh
 
 clean:
 	rm -rf build dist $(VENV)

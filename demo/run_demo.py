@@ -12,6 +12,9 @@ results.json, the gain-vs-retention plot and the DISeL gate heat map.
 prepared with `peft.prepare_model_for_kbit_training`, then LoRA and DISeL with the same settings on top. Its outputs go
 to build/demo/qlora-4bit/ (qlora-8bit/), next to the full-precision ones; the caches are shared.
 
+It runs on the first CUDA GPU when torch sees one, else on the CPU; `--device` chooses (`--device cpu` gives the
+figures of README.md), and the device is printed and saved in results.json.
+
 `--eval-on val` reports on validation data instead (problems of the training distribution, Amazon review snippets and
 a disjoint set of Python doc topics for retention, tweets for sentiment): use it, never the evaluation sets, to tune.
 """
@@ -32,6 +35,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from data import DataError, build_data  # noqa: E402
+from device import DEVICE_HELP, describe, peak_memory_mib, pick_device, reset_peak_memory  # noqa: E402
 from model import (  # noqa: E402
     DEFAULT_MODEL,
     QUANTIZE,
@@ -91,6 +95,7 @@ def parse_args(argv=None):
         "--seed", type=int, default=0, help="training seed: adapter init and the order of training problems"
     )
     add_setting_args(p)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--threads",
         type=int,
@@ -174,14 +179,17 @@ def evaluate_model(model, tokenizer, problems, chunks, sentiment, args, recorder
 def record_in_domain(recorder, model, tokenizer, problems, batch_size):
     """Teacher-forced forward passes over arithmetic problems (prompt + answer), padding masked out."""
     import torch
+    from device import input_device
     from evaluate import batches, position_ids
     from train import encode_batch
 
     recorder.start()
     recorder.set_split("arithmetic (in-domain)")
+    device = input_device(model)
     with torch.no_grad():
         for chunk in batches(problems, batch_size):
             ids, mask, _, _ = encode_batch(tokenizer, chunk)
+            ids, mask = ids.to(device), mask.to(device)
             recorder.set_mask(mask)
             model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1)
     recorder.set_mask(None)
@@ -213,14 +221,25 @@ def run(args) -> int:
     from train import METHODS, train
 
     t_start = time.time()
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads_used = []
 
     def pick_threads(model, phase):
-        n = args.threads or choose_threads(model)
+        # the CPU's thread count; on an accelerator the host threads only launch its kernels
+        n = args.threads or (choose_threads(model) if device.type == "cpu" else torch.get_num_threads())
         threads_used.append((phase, n))
         return n
+
+    def reset_peaks():
+        reset_peak_rss()
+        reset_peak_memory(device)
+
+    def record_peaks(res):
+        res["peak_rss_mib"] = peak_rss_mib()
+        if device.type == "cuda":
+            res["peak_gpu_mib"] = peak_memory_mib(device)
 
     cache = Path(args.out)  # the converted model and the data, shared by all modes
     out = output_dir(args)
@@ -256,8 +275,8 @@ def run(args) -> int:
         quantized=quantize is not None,
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    reset_peak_rss()  # the base row's peak memory: loading and evaluating the base model
-    model, tokenizer = load_model(model_path, quantize)
+    reset_peaks()  # the base row's peak memory: loading and evaluating the base model
+    model, tokenizer = load_model(model_path, quantize, device)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if cfg.layers is not None and n_layers is not None:
         too_big = [i for i in cfg.layers if i >= n_layers]
@@ -284,21 +303,27 @@ def run(args) -> int:
             "sentiment": len(sentiment),
         },
         "args": vars(args),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "device": describe(device),
+        },
     }
     results = {}
     report = {"meta": meta, "results": results}
     log(
         f"model {args.model} ({meta['base_params'] / 1e6:.1f}M params), {len(methods)} method(s): {', '.join(methods)}; "
         f"r={cfg.rank}, targets={','.join(cfg.targets)}, layers={args.layers}, {cfg.steps} steps x {cfg.batch_size}, "
-        f"lr={cfg.lr:g}; base weights {quantize or 'float32'}; evaluating on {args.eval_on} data"
+        f"lr={cfg.lr:g}; base weights {quantize or 'float32'}; evaluating on {args.eval_on} data; device "
+        f"{meta['machine']['device']}"
     )
 
     log(f"[base] evaluating the pretrained model ({pick_threads(model, 'base eval')} thread(s)) ...")
     t0 = time.time()
     results["base"] = evaluate_model(model, tokenizer, problems, chunks, sentiment, args)
     results["base"]["wall_seconds"] = time.time() - t0
-    results["base"]["peak_rss_mib"] = peak_rss_mib()
+    record_peaks(results["base"])
     del model
     _print_row("base", results["base"])
     write_json(results_path, report)
@@ -307,8 +332,8 @@ def run(args) -> int:
     base_tag = f", {quantize} base (QLoRA)" if quantize else ""
     for method in methods:
         # a fresh copy of the base weights for every method; the peak memory of each method counts from before loading
-        reset_peak_rss()
-        model, tokenizer = load_model(model_path, quantize)
+        reset_peaks()
+        model, tokenizer = load_model(model_path, quantize, device)
         t0 = time.time()
         log(f"[{method}] fine-tuning ({pick_threads(model, method + ' train')} thread(s)) ...")
         peft_model, info = train(model, tokenizer, data.train, method, cfg, desc=f"train {method}")
@@ -322,7 +347,7 @@ def run(args) -> int:
         res = evaluate_model(peft_model, tokenizer, problems, chunks, sentiment, args, recorder=recorder)
         res.update(info)
         res["wall_seconds"] = time.time() - t0
-        res["peak_rss_mib"] = peak_rss_mib()
+        record_peaks(res)
         if recorder is not None:
             stats = recorder.stats()
             res["gates"] = gate_summary(stats)
@@ -358,7 +383,7 @@ def run(args) -> int:
     log("")
     log(table(results))
     log("")
-    log(f"total wall time {meta['total_wall_seconds']:.0f} s; results: {results_path}")
+    log(f"total wall time {meta['total_wall_seconds']:.0f} s on {meta['machine']['device']}; results: {results_path}")
     for name, path in meta["plots"].items():
         if path:
             log(f"{name} plot: {path}")

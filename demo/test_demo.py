@@ -20,6 +20,7 @@ layout.
 
 import io
 import json
+import os
 import random
 import sys
 import tarfile
@@ -54,7 +55,7 @@ def _corpus():
 
 
 def build_tiny_model(folder: Path) -> Path:
-    """A 2-layer random LlamaForCausalLM and a 400-token byte-level BPE tokenizer, saved to `folder`."""
+    """A 2-layer, 64-wide random LlamaForCausalLM and a 400-token byte-level BPE tokenizer, saved to `folder`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -69,7 +70,8 @@ def build_tiny_model(folder: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        # widths that real models have (multiples of 64): bitsandbytes' CPU kernels reject less on some CPUs
+        # widths of at least bitsandbytes' 4-bit block (64): on CPUs with AVX512-BF16, its packing for inference
+        # divides the input width by the block size
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -121,11 +123,15 @@ def demo_env(tmp_path, monkeypatch):
     return build_tiny_model(tmp_path / "tiny"), out
 
 
-SMALL = [
+# the device of the runs below: the CPU, or e.g. DEMO_TEST_DEVICE=cuda (`make gpu-check` runs them on a GPU)
+DEVICE = os.environ.get("DEMO_TEST_DEVICE", "cpu")
+
+SMALL_SETTINGS = [
     "--steps", "3", "--batch-size", "4", "--rank", "4", "--layers", "all", "--n-train", "40", "--n-val", "8",
     "--n-test", "8", "--n-sentiment", "8", "--ppl-chunks", "2", "--ppl-seq-len", "16", "--eval-batch-size", "4",
     "--threads", "1",
 ]  # fmt: skip
+SMALL = [*SMALL_SETTINGS, "--device", DEVICE]
 
 
 def test_demo_end_to_end(demo_env, capsys):
@@ -134,6 +140,7 @@ def test_demo_end_to_end(demo_env, capsys):
     assert rc == 0
     report = json.loads((out / "results.json").read_text())
     assert report["meta"]["complete"] is True
+    assert report["meta"]["machine"]["device"].startswith(DEVICE)
     results = report["results"]
     assert list(results) == ["base", "lora", "disel", "dora"]
     for name, r in results.items():
@@ -230,6 +237,41 @@ def test_demo_tuning_mode_uses_validation_data(demo_env):
     assert report["meta"]["eval"]["problems"] == 8
 
 
+def test_pick_device(monkeypatch):
+    """`--device`: auto takes a CUDA GPU when torch sees one, else the CPU; a device that is not there is an error."""
+    from device import pick_device
+    from model import DemoError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == pick_device("CPU") == torch.device("cpu")
+    with pytest.raises(DemoError, match="sees no CUDA GPU.*TORCH_SPEC"):
+        pick_device("cuda")
+    with pytest.raises(DemoError, match="not a device name"):
+        pick_device("gpu")
+    with pytest.raises(DemoError, match="not supported"):
+        pick_device("xpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DemoError, match="MPS is not available"):
+        pick_device("mps")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert pick_device("auto") == pick_device("cuda") == torch.device("cuda", 0)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(DemoError, match="sees 2 CUDA GPU"):
+        pick_device("cuda:2")
+
+
+def test_demo_says_when_the_device_is_missing(demo_env, monkeypatch, capsys):
+    model_dir, out = demo_env
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = run_demo.main(["--model", str(model_dir), "--out", str(out), *SMALL_SETTINGS, "--device", "cuda"])
+    assert rc == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+
+
 def test_clear_error_on_missing_model(tmp_path, capsys):
     rc = run_demo.main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), *SMALL])
     assert rc == 2
@@ -294,6 +336,7 @@ def test_training_seed_leaves_the_evaluation_sets_alone(demo_env):
 TINY_FRONTIER = [
     "--quick", "--seeds", "2", "--steps", "2", "--n-test", "8", "--batch-size", "4", "--rank", "4", "--layers", "all",
     "--n-train", "40", "--n-sentiment", "8", "--ppl-chunks", "2", "--ppl-seq-len", "16", "--eval-batch-size", "4",
+    "--device", DEVICE,
 ]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from data import prompt, target
+from device import input_device
 from evaluate import position_ids
 from model import DemoError
 from tqdm.auto import tqdm
@@ -142,6 +143,7 @@ def train(model, tokenizer, problems, method: str, cfg: TrainConfig, desc=None):
     optimizer = make_optimizer(peft_model, method, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     rng = random.Random(cfg.seed)
+    device = input_device(peft_model)
     order = []
     losses = []
     peft_model.train()
@@ -155,6 +157,7 @@ def train(model, tokenizer, problems, method: str, cfg: TrainConfig, desc=None):
         batch = [problems[i] for i in order[: cfg.batch_size]]
         del order[: cfg.batch_size]
         ids, mask, labels, n_target = encode_batch(tokenizer, batch)
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         loss = answer_loss(peft_model, ids, mask, labels, n_target)
         loss.backward()
         optimizer.step()
