@@ -206,6 +206,20 @@ def main():
         # the adapter weights are partitioned as they are created: their .shape is empty, the full one in ds_shape
         with deepspeed.zero.Init(config_dict_or_path=training_args.hf_deepspeed_config.config):
             model = get_peft_model(base, disel_config())
+        # what creation on partitions gives: the gates of DISeL, and lora_B, which LoRA's init sets to zero
+        named = dict(model.named_parameters())
+        with gathered(list(named.values())):
+            gates = {n: p.detach().clone() for n, p in named.items() if GATE in n}
+            lora_b = [p.detach().abs().sum().item() for n, p in named.items() if "lora_B" in n]
+        full = all(p.shape == named[n].ds_shape for n, p in gates.items())
+        biases = all(torch.all(p == -3.0).item() for n, p in gates.items() if n.endswith(".bias"))
+        weights = all(p.std().item() > 0 for n, p in gates.items() if n.endswith(".weight"))
+        print(
+            f"{tag} rank {rank}: under zero.Init {len(gates)} gate tensors, full shape {full}, biases -3 {biases}, "
+            f"weights initialized {weights}; lora_B all zero {max(lora_b) == 0}",
+            flush=True,
+        )
+        return
     else:
         model = get_peft_model(base, disel_config())
     gate_params = {n: p for n, p in model.named_parameters() if GATE in n}

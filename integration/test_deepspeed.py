@@ -90,19 +90,20 @@ def test_deepspeed_zero_trainer_two_cpu_processes(stage, base_dir, reference, tm
     _train_and_check(stage, base_dir, reference, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="DISeL gates cannot be created on ZeRO-3 partitions yet: create_disel_gate reads lora_A.weight's shape, "
-    "which is empty for a partitioned weight (the full shape is in ds_shape); plain LoRA handles it",
-)
-def test_deepspeed_zero3_adapters_injected_under_zero_init(base_dir, reference, tmp_path):
-    try:
-        _train_and_check(3, base_dir, reference, tmp_path, "--inject_under_zero_init")
-    except AssertionError as e:
-        if "in create_disel_gate" not in str(e):
-            pytest.fail(f"failed, but not in create_disel_gate:\n{e}")
-        raise
+def test_deepspeed_zero3_gates_created_under_zero_init(base_dir, tmp_path):
+    # on partitioned lora_A weights: the gate's full shape comes from ds_shape, and its values are initialized before
+    # zero.Init partitions them
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    output = _run(
+        [*cmd, SCRIPT, "--stage", "3", "--base_dir", base_dir, "--output_dir", tmp_path, "--inject_under_zero_init"]
+    )
+    pattern = r"ZeRO-3 rank \d: under zero.Init (\d+) gate tensors, full shape (\w+), biases -3 (\w+), weights initialized (\w+)"
+    found = re.findall(pattern + r"; lora_B all zero (\w+)", output)
+    assert len(found) == 2, output[-3000:]
+    assert all(f[:4] == ("28", "True", "True", "True") for f in found), found
+    print(
+        f"ZeRO-3 under zero.Init: 28 gates at full shape, biases -3, weights initialized; lora_B all zero: {found[0][4]}"
+    )
 
 
 def _train_and_check(stage, base_dir, reference, tmp_path, *extra):

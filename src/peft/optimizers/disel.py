@@ -60,7 +60,9 @@ def create_disel_optimizer(
     (`lora_A`, `lora_B`, `modules_to_save`, ...) are trained at `lr`, with `weight_decay` except for biases and norm
     weights, as transformers' `Trainer` does. Frozen parameters are left out.
 
-    Pass the result to a transformers `Trainer` as `Trainer(..., optimizers=(optimizer, None))`.
+    Pass the result to a transformers `Trainer` as `Trainer(..., optimizers=(optimizer, None))`. With DeepSpeed, the
+    `Trainer` ignores `optimizers` and builds its own optimizer, which would train the gates at `lr`: create this one in
+    an override of `Trainer.create_optimizer` instead.
 
     Example:
 

@@ -46,6 +46,7 @@ class DiselGate(nn.Module):
         bottleneck: Optional[int],
         norm: float,
         bias_init: float,
+        weight_init: str = "random",
         device=None,
         dtype=None,
     ):
@@ -55,6 +56,8 @@ class DiselGate(nn.Module):
         self.weight_up = nn.Parameter(torch.empty(r, bottleneck, **kw)) if bottleneck else None
         self.bias = nn.Parameter(torch.full((r,), float(bias_init), **kw))
         self.norm = norm
+        if self.weight.device.type != "meta":  # here, so that DeepSpeed's zero.Init partitions initialized values
+            self.reset_parameters(weight_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # norm * W_g x + bias as one addmm: the norm scales the small weight, not the activations
@@ -77,20 +80,18 @@ class DiselGate(nn.Module):
 
 def create_disel_gate(module, adapter_name: str, config) -> None:
     """Create the gate of `adapter_name` in the LoRA layer `module`, on `lora_A`'s device and dtype."""
-    options = config.use_disel
-    weight = module.lora_A[adapter_name].weight
-    d_in = weight.shape[1]
+    options, lora_A = config.use_disel, module.lora_A[adapter_name]
+    d_in = lora_A.in_features  # not the weight's shape: a weight that DeepSpeed ZeRO-3 partitions is empty
     gate = DiselGate(
         d_in,
         module.r[adapter_name],
         bottleneck=options.gate_bottleneck_dim,
         norm=1.0 / math.sqrt(d_in) if options.gate_normalize else 1.0,
         bias_init=options.gate_bias_init,
-        device=weight.device,
-        dtype=weight.dtype,
+        weight_init=options.gate_weight_init,
+        device=lora_A.weight.device,
+        dtype=lora_A.weight.dtype,
     )
-    if weight.device.type != "meta":
-        gate.reset_parameters(options.gate_weight_init)
     if not hasattr(module, "lora_disel_gate"):
         # the first DISeL adapter of this layer: register the container so that the gates are trained, saved and moved
         module.lora_disel_gate = nn.ModuleDict({})
