@@ -80,10 +80,12 @@ step() {  # step NAME LOG DIR COMMAND...: run COMMAND in DIR, its output on the 
 
 # our test files, linked into build/peft at the same paths
 mapfile -t DISEL_TESTS < <(cd "$ROOT" && ls tests/test_disel*.py)
-step "DISeL tests on CUDA" disel-tests.log "$ROOT/build/peft" "${PYTEST[@]}" "${DISEL_TESTS[@]}"
+step "DISeL tests (tests/test_disel*.py)" disel-tests.log "$ROOT/build/peft" "${PYTEST[@]}" "${DISEL_TESTS[@]}"
 # selecting no test fails the step (pytest's exit 5)
-step "QLoRA: DISeL on bitsandbytes layers on CUDA" qlora-tests.log "$ROOT/build/peft" \
-    "${PYTEST[@]}" "${DISEL_TESTS[@]}" -k "Quantized or bnb or qlora"
+step "DISeL on CUDA: fused vs plain path, fp32 and bf16 autocast, train/save/reload" cuda-tests.log "$ROOT/build/peft" \
+    "${PYTEST[@]}" "$ROOT/integration/test_cuda.py"
+step "QLoRA: DISeL on bitsandbytes' CUDA kernels" qlora-tests.log "$ROOT/build/peft" \
+    env DISEL_TEST_DEVICE=cuda "${PYTEST[@]}" "$ROOT/integration/test_qlora.py"
 step "demo smoke tests on CUDA (QLoRA included)" demo-tests.log "$ROOT/build/peft" \
     env DEMO_TEST_DEVICE=cuda "${PYTEST[@]}" "$ROOT/demo/test_demo.py"
 step "make bench on CUDA" bench.log "$ROOT" "$PY" bench/disel_overhead.py --device cuda

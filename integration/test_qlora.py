@@ -1,10 +1,12 @@
-"""DISeL on bitsandbytes' CPU backend (QLoRA), with real packed 4-bit and 8-bit weights.
+"""DISeL on bitsandbytes layers (QLoRA), with real packed 4-bit and 8-bit weights, on the CPU (or on the device that
+DISEL_TEST_DEVICE names: `make gpu-check` runs them on bitsandbytes' CUDA kernels).
 
-Upstream PEFT tests bitsandbytes on GPUs (test_gpu_examples.py); these run wherever bitsandbytes runs on the CPU. On CPUs
-with AVX512-BF16, bitsandbytes 0.50.2 repacks a 4-bit weight at the first eval forward without gradients; the test ids
-name the eval kernel that ran, and two strict xfails track the bitsandbytes bugs of that path (see BNB_BUG_REASON).
+Upstream PEFT tests bitsandbytes on GPUs with Hub models (test_gpu_examples.py); these run offline wherever bitsandbytes
+runs. On CPUs with AVX512-BF16, bitsandbytes 0.50.2 repacks a 4-bit weight at the first eval forward without gradients;
+the test ids name the eval kernel that ran, and two strict xfails track the bitsandbytes bugs of that path.
 """
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +26,7 @@ from peft.optimizers import create_disel_optimizer
 from peft.tuners.lora import disel
 
 
+DEVICE = os.environ.get("DISEL_TEST_DEVICE", "cpu")
 pytestmark = [
     pytest.mark.skipif(not is_bnb_available(), reason="needs bitsandbytes"),
     # prepare_model_for_kbit_training calls gradient-checkpointing APIs that transformers 5 deprecates (not DISeL's)
@@ -33,14 +36,16 @@ pytestmark = [
 
 def bnb_cpu_4bit_repacks() -> bool:
     """Whether bitsandbytes repacks 4-bit weights on the first eval forward without gradients on this CPU (it does on
-    CPUs with AVX512-BF16, for a bf16 kernel)."""
+    CPUs with AVX512-BF16, for a bf16 kernel); never on a GPU."""
     import bitsandbytes.functional as bnb_functional
 
-    return bool(bnb_functional.has_avx512bf16())
+    return DEVICE == "cpu" and bool(bnb_functional.has_avx512bf16())
 
 
 def bnb_eval_path(quant: str) -> str:
     """The kernel bitsandbytes runs for an eval forward of `quant` on this CPU, for the test ids."""
+    if DEVICE != "cpu":
+        return DEVICE
     if not quant.startswith("4bit"):
         return "int8"
     return "repacked" if bnb_cpu_4bit_repacks() else "dequantized"
@@ -109,7 +114,7 @@ class TestDiselQuantized:
     """DISeL on bitsandbytes layers (QLoRA). bitsandbytes runs these on the CPU, with real packed weights; the test ids
     name the kernel of an eval forward on this CPU (`repacked`: the bf16 kernel of CPUs with AVX512-BF16)."""
 
-    IDS = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    IDS = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     @pytest.fixture(scope="class")
     def model_dir(self, tmp_path_factory):
@@ -121,7 +126,7 @@ class TestDiselQuantized:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         config = BitsAndBytesConfig(**QUANT_CONFIGS[quant])
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map={"": DEVICE})
         if keep_layout:
             keep_4bit_layout(model)
         return model
@@ -260,13 +265,15 @@ def test_create_disel_optimizer_on_a_4bit_base(tmp_path):
 
     make_base_model().save_pretrained(tmp_path)
     quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization_config, device_map="cpu")
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quantization_config, device_map={"": DEVICE}
+    )
     model = get_peft_model(
         prepare_model_for_kbit_training(base), LoraConfig(target_modules=["q_proj"], use_disel=True)
     )
     optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=1e-2)
     assert sorted(g["lr"] for g in optimizer.param_groups) == [pytest.approx(1e-2), pytest.approx(5e-2)]
-    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     model.train()
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
