@@ -13,7 +13,11 @@ It writes to OUT_DIR:
   embedding, a gate on lm_head);
 - `reference.json`: for every prompt and every adapter (and the base model), the greedy continuation computed with
   PEFT + transformers, the log-probability of each generated token, the margin between the two best tokens at each
-  step (to spot near ties), and each DISeL adapter's mean gate opening on the prompts.
+  step (to spot near ties), and each DISeL adapter's mean gate opening on the prompts; also `disel_a` with its gates
+  forced fully open (what serving it as a plain LoRA adapter would give), which must differ from `disel_a`.
+
+With `--bench`, it writes instead the model and adapters of the throughput benchmark (`bench_throughput.py`): a wider
+random Llama and a DISeL and a plain LoRA adapter of the same rank, untrained (random A, B and gates).
 
 Nothing touches the Hugging Face Hub.
 """
@@ -168,30 +172,94 @@ def greedy(model, ids: list[int], new_tokens: int) -> dict:
 
 
 @torch.no_grad()
-def mean_gate(model, prompts: list[list[int]]) -> float:
-    """The mean gate opening sigmoid(W_g x + b_g) over every gated layer, rank and prompt token."""
+def gate_openings(model, prompts: list[list[int]]) -> tuple[float, float]:
+    """The mean gate opening sigmoid(W_g x + b_g) over every gated layer, rank and prompt token, and the fraction of
+    gates above 0.5."""
     from peft.tuners.lora.disel import DiselGate
 
-    total, count = 0.0, 0
+    total, above, count = 0.0, 0, 0
 
     def hook(gate, logits):
-        nonlocal total, count
-        total += torch.sigmoid(logits.float()).sum().item()
-        count += logits.numel()
+        nonlocal total, above, count
+        gates = torch.sigmoid(logits.float())
+        total += gates.sum().item()
+        above += (gates > 0.5).sum().item()
+        count += gates.numel()
 
     handles = [m.register_logits_hook(hook) for m in model.modules() if isinstance(m, DiselGate)]
     for ids in prompts:
         model(torch.tensor([ids]))
     for h in handles:
         h.remove()
-    return total / count
+    return total / count, above / count
+
+
+@torch.no_grad()
+def open_gates(model) -> None:
+    """Set every gate bias to +inf: sigmoid = 1, the adapter's plain LoRA update."""
+    from peft.tuners.lora.disel import DiselGate
+
+    for module in model.modules():
+        if isinstance(module, DiselGate):
+            module.bias.fill_(float("inf"))
+
+
+def build_bench(out: Path, hidden: int, layers: int, rank: int) -> None:
+    """The throughput benchmark's model (head size 64, 4 query heads per key/value head, an MLP of 8/3 x hidden rounded
+    to a multiple of 64) and its two adapters: DISeL and plain LoRA at rank `rank` on every linear layer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from peft import get_peft_model
+
+    tokenizer = make_tokenizer()
+    heads = hidden // 64
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=(hidden * 8 // 3 + 63) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        head_dim=64,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        dtype="float32",
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out / "base")
+    tokenizer.save_pretrained(out / "base")
+    options = {"r": rank, "lora_alpha": 2 * rank, "target_modules": "all-linear", "init_lora_weights": False}
+    for name, disel in (("disel", {}), ("lora", None)):
+        torch.manual_seed(1)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(out / "base"), lora_config(options, disel))
+        model.save_pretrained(out / name)
+
+
+def source_hash() -> str:
+    """A hash of what the reference depends on: this script and the DISeL implementation in PEFT."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for path in (Path(__file__).resolve(), ROOT / "src" / "peft" / "tuners" / "lora" / "disel.py"):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
+    parser.add_argument("--bench", action="store_true", help="write the throughput benchmark's model and adapters")
+    parser.add_argument("--hidden", type=int, default=1024, help="--bench: hidden size (a multiple of 64)")
+    parser.add_argument("--layers", type=int, default=4, help="--bench: number of layers")
+    parser.add_argument("--rank", type=int, default=16, help="--bench: rank of both adapters")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.bench:
+        args.out.mkdir(parents=True, exist_ok=True)
+        build_bench(args.out, args.hidden, args.layers, args.rank)
+        return 0
     from transformers import AutoModelForCausalLM
 
     from peft import get_peft_model
@@ -205,6 +273,7 @@ def main(argv=None) -> int:
 
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     ref = {
+        "source": source_hash(),
         "new_tokens": NEW_TOKENS,
         "prompts": PROMPTS,
         "prompt_ids": prompts,
@@ -218,10 +287,13 @@ def main(argv=None) -> int:
         model.save_pretrained(out / name)
         info = {"use_disel": disel is not None, "rank": options["r"], "final_loss": loss}
         if disel is not None:
-            info["mean_gate"] = mean_gate(model, prompts)
+            info["mean_gate"], info["frac_gates_above_half"] = gate_openings(model, prompts)
         ref["adapters"][name] = info
         ref["outputs"][name] = [greedy(model, ids, NEW_TOKENS) for ids in prompts]
         print(f"{name}: {info}", flush=True)
+        if name == "disel_a":
+            open_gates(model)
+            ref["outputs"]["disel_a_ungated"] = [greedy(model, ids, NEW_TOKENS) for ids in prompts]
     for name, options in REFUSED.items():
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora_config(options, {}))
         model.save_pretrained(out / name)

@@ -30,9 +30,6 @@ from .layers import DISEL_CLASSES, DiselLinearMixin
 
 logger = init_logger(__name__)
 
-# tensor parallelism is implemented (layers.py) but not tested; adapters are refused on sharded layers until it is
-SUPPORTED_TP_SIZE = 1
-
 _installed = False
 _original = {}
 
@@ -168,11 +165,6 @@ def _check_layers(manager, lora) -> None:
             raise ValueError(
                 f"vllm_disel cannot apply the DISeL gate of layer {name!r}: vLLM serves its LoRA with "
                 f"{type(module).__name__}, which has no DISeL support.{hint}"
-            )
-        if module.tp_size > SUPPORTED_TP_SIZE:
-            raise ValueError(
-                f"vllm_disel serves DISeL adapters with tensor_parallel_size=1 only (layer {name!r} is split over "
-                f"{module.tp_size} ranks): the tensor-parallel path is not tested yet."
             )
         if isinstance(gate, list) and len(gate) != module.n_slices:
             raise ValueError(
