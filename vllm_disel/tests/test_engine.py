@@ -98,6 +98,24 @@ def test_mixed_batch_rows_equal_single_runs(llm, reference, requests, rows):
         check_row(row, reference["outputs"][name][i], f"{name}, prompt {i} in the batch")
 
 
+def test_rows_without_adapter_when_the_last_slot_holds_plain_lora(llm, reference, reference_dir, requests):
+    """disel_b has no LoRA on o_proj and gate_proj, so there a batch of disel_b, lora and rows without an adapter runs
+    vLLM's plain LoRA path; with lora in the last slot, vLLM's CPU shrink would give the rows without an adapter
+    lora's update (slot index -1 read as the last slot) unless the plugin's fix is in place."""
+    from vllm.lora.request import LoRARequest
+
+    for lora_id in llm.llm_engine.list_loras():
+        llm.llm_engine.remove_lora(lora_id)
+    # slots in order of activation: disel_b, a second copy of lora, lora (the last slot)
+    slots = {**requests, "lora_copy": LoRARequest("lora_copy", 50, str(reference_dir / "lora"))}
+    for name in ["disel_b", "lora_copy", "lora"]:
+        generate(llm, reference, slots, [(0, name)])
+    rows = [(1, "disel_b"), (1, "lora"), (1, "base"), (3, "base"), (2, "lora_copy")]
+    expected = {**reference["outputs"], "lora_copy": reference["outputs"]["lora"]}
+    for (i, name), result in zip(rows, generate(llm, reference, slots, rows)):
+        check_row(result, expected[name][i], f"{name}, prompt {i}")
+
+
 @pytest.mark.parametrize(
     "name, message",
     [

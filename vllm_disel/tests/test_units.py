@@ -122,3 +122,28 @@ def test_layers_without_disel_support_are_refused():
         _check_layers(manager, lora)
     # layers vLLM does not wrap at all keep vLLM's behaviour (their LoRA weights, and gates, are left out)
     _check_layers(SimpleNamespace(modules={}), lora)
+
+
+def test_cpu_shrink_gives_no_update_to_tokens_without_an_adapter():
+    """vLLM's CPU shrink computes a token without an adapter (slot -1) with the last slot's A; the plugin's hook
+    zeroes those tokens (the expand then adds nothing for them)."""
+    import vllm_disel
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from vllm_disel import hooks
+
+    vllm_disel.register()
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    lora_a = torch.randn(2, 1, 4, 16)  # 2 slots, rank 4
+    indices = torch.tensor([0, -1, 1, -1])
+    before = torch.zeros(4, 4)
+    hooks._original["bgmv_shrink"](x, lora_a, before, indices, 1.0)
+    torch.testing.assert_close(before[1], x[1] @ lora_a[1, 0].T)  # the bug: slot -1 read as the last slot
+    after = torch.zeros(4, 4)
+    # through sgmv_shrink (the prefill path the CPU punica wrapper always takes) and the wrapper's own binding
+    lora_ops.sgmv_shrink(x, lora_a, after, torch.tensor([0, 1, 2, 3]), torch.ones(4, dtype=torch.long), indices, 4, 1, 4, 1.0)  # fmt: skip
+    assert punica_cpu.bgmv_shrink is hooks._bgmv_shrink
+    torch.testing.assert_close(after[[0, 2]], before[[0, 2]])
+    assert after[[1, 3]].abs().sum() == 0

@@ -11,12 +11,21 @@
 - `LoRAModelManager.activate_adapter`: installs the gates in the slot that vLLM gave the adapter.
 - `vllm.lora.utils._all_lora_classes`: the linear LoRA layer classes are replaced by their DISeL subclasses
   (`layers.py`), which run vLLM's own path while no DISeL adapter occupies a slot.
+
+One hook fixes a bug of vLLM's CPU LoRA ops that mixed batches expose (`bgmv_shrink` of `vllm.lora.ops.torch_ops`,
+which `sgmv_shrink` and the CPU punica wrapper call): a token without an adapter (slot index -1) is computed with the
+weights of the last slot (`lora_a_weights[-1]`), so in a batch that mixes adapters and rows without one, and whose last
+slot is taken, the rows without an adapter get that adapter's update. The hook zeroes those tokens' shrink output (vLLM's
+GPU kernels skip index -1 the same way).
 """
 
 import inspect
 
 from vllm.logger import init_logger
 from vllm.lora import lora_model as lora_model_module
+from vllm.lora.ops import torch_ops
+from vllm.lora.ops.torch_ops import lora_ops
+from vllm.lora.punica_wrapper import punica_cpu
 from vllm.lora import utils as lora_utils
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.lora_weights import PackedLoRALayerWeights
@@ -45,6 +54,7 @@ def install() -> None:
     _original["pack"] = PackedLoRALayerWeights.pack.__func__
     _original["_add_adapter"] = LoRAModelManager._add_adapter
     _original["activate_adapter"] = LoRAModelManager.activate_adapter
+    _original["bgmv_shrink"] = lora_ops.bgmv_shrink
 
     PEFTHelper.from_dict = classmethod(_from_dict)
     lora_model_module.parse_fine_tuned_lora_name = _parse_fine_tuned_lora_name
@@ -53,6 +63,8 @@ def install() -> None:
     LoRAModelManager._add_adapter = _add_adapter
     LoRAModelManager.activate_adapter = _activate_adapter
     lora_utils._all_lora_classes = tuple(DISEL_CLASSES.get(cls, cls) for cls in lora_utils._all_lora_classes)
+    for module in (lora_ops, torch_ops, punica_cpu):
+        module.bgmv_shrink = _bgmv_shrink
     _installed = True
     logger.info("vllm_disel: DISeL adapters enabled (linear LoRA layers: %d classes).", len(DISEL_CLASSES))
 
@@ -183,3 +195,11 @@ def _activate_adapter(self, lora_id: int) -> bool:
                 weights = self._get_lora_layer_weights(lora_model, name)
                 module.set_disel_gate(index, None if weights is None else getattr(weights, "disel_gate", None))
     return activated
+
+
+def _bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    _original["bgmv_shrink"](inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
+    # tokens without an adapter (-1) read the last slot's A above (negative indexing): no update for them
+    no_adapter = lora_indices_tensor < 0
+    if no_adapter.any():
+        output_tensor[: no_adapter.shape[0]][no_adapter] = 0
