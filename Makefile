@@ -131,8 +131,8 @@ bench-vllm: install install-vllm
 known-failures: install
 	$(PY) tooling/run_tests.py known-failures
 
-# our tooling with ruff.toml (vllm_disel/ through its pyproject.toml, which extends it); every .py file at an upstream path (upstream's patched files and ours) from build/peft, with
-# upstream's own ruff configuration
+# our tooling with ruff.toml (vllm_disel/ through its pyproject.toml, which extends it); every .py file at an upstream
+# path (upstream's patched files and ours) from build/peft, with upstream's own ruff configuration
 UPSTREAM_PY = $$(git diff --name-only $$(git tag -l 'upstream-*') -- '*.py') \
 	$$(git -C ../.. ls-files 'src/*.py' 'tests/*.py' 'examples/*.py' 'method_comparison/*.py')
 quality: install
