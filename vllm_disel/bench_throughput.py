@@ -61,7 +61,9 @@ def main(argv=None) -> int:
 
     def run(method: str, batch: int, seed: int) -> float:
         prompts = [
-            TokensPrompt(prompt_token_ids=[4 + (seed * 7 + i * 13 + j * 5) % (vocab - 4) for j in range(args.prompt_tokens)])
+            TokensPrompt(
+                prompt_token_ids=[4 + (seed * 7 + i * 13 + j * 5) % (vocab - 4) for j in range(args.prompt_tokens)]
+            )
             for i in range(batch)
         ]
         start = time.perf_counter()
@@ -88,7 +90,9 @@ def main(argv=None) -> int:
         q1, med, q3 = quartiles(ratios)
         row = {m: statistics.median(speeds[(m, batch)]) for m in adapters}
         result["batch"][batch] = {**row, "disel_over_lora": med, "iqr": [q1, q3]}
-        print(f"{batch:>5} {row['disel']:>7.1f} {row['lora']:>7.1f} {row['base']:>7.1f}   {med:.3f} ({q1:.3f}-{q3:.3f})")
+        print(
+            f"{batch:>5} {row['disel']:>7.1f} {row['lora']:>7.1f} {row['base']:>7.1f}   {med:.3f} ({q1:.3f}-{q3:.3f})"
+        )
     print(json.dumps(result))
     llm.llm_engine.engine_core.shutdown()
     return 0

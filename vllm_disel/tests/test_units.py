@@ -125,6 +125,10 @@ def test_layers_without_disel_support_are_refused():
         _check_layers(manager, lora)
     # layers vLLM does not wrap at all keep vLLM's behaviour (their LoRA weights, and gates, are left out)
     _check_layers(SimpleNamespace(modules={}), lora)
+    # an engine that does not run eagerly (torch.compile, CUDA graphs) is refused: it would freeze the per-batch path
+    compiled = SimpleNamespace(modules={}, disel_eager_reason="this engine runs with torch.compile mode VLLM_COMPILE")
+    with pytest.raises(ValueError, match=r"eager mode only, but this engine runs with torch.compile.*--enforce-eager"):
+        _check_layers(compiled, lora)
 
 
 def test_cpu_shrink_gives_no_update_to_tokens_without_an_adapter():

@@ -9,6 +9,9 @@
 - `PackedLoRALayerWeights.pack`: carries the gates of the modules vLLM packs into one layer (q/k/v, gate/up).
 - `LoRAModelManager._add_adapter`: refuses an adapter with a gate on a layer that has no DISeL layer class.
 - `LoRAModelManager.activate_adapter`: installs the gates in the slot that vLLM gave the adapter.
+- `LoRAModelManager.__init__`: notes whether the engine runs eagerly, which the DISeL layers need (see `layers.py`).
+- `PunicaWrapperBase._update_base_metadata`: records the slots of the batch's adapters, so that a DISeL layer runs
+  vLLM's own path for a batch without DISeL tokens.
 - `vllm.lora.utils._all_lora_classes`: the linear LoRA layer classes are replaced by their DISeL subclasses
   (`layers.py`), which run vLLM's own path while no DISeL adapter occupies a slot.
 
@@ -21,6 +24,7 @@ GPU kernels skip index -1 the same way).
 
 import inspect
 
+from vllm.config.compilation import CompilationMode, CUDAGraphMode
 from vllm.logger import init_logger
 from vllm.lora import lora_model as lora_model_module
 from vllm.lora import utils as lora_utils
@@ -31,6 +35,7 @@ from vllm.lora.ops import torch_ops
 from vllm.lora.ops.torch_ops import lora_ops
 from vllm.lora.peft_helper import PEFTHelper
 from vllm.lora.punica_wrapper import punica_cpu
+from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
 from .config import parse_disel
 from .gates import GATE, fold_gate, split_gate_tensors
@@ -55,6 +60,8 @@ def install() -> None:
     _original["_add_adapter"] = LoRAModelManager._add_adapter
     _original["activate_adapter"] = LoRAModelManager.activate_adapter
     _original["bgmv_shrink"] = lora_ops.bgmv_shrink
+    _original["manager_init"] = LoRAModelManager.__init__
+    _original["_update_base_metadata"] = PunicaWrapperBase._update_base_metadata
 
     PEFTHelper.from_dict = classmethod(_from_dict)
     lora_model_module.parse_fine_tuned_lora_name = _parse_fine_tuned_lora_name
@@ -62,6 +69,8 @@ def install() -> None:
     PackedLoRALayerWeights.pack = classmethod(_pack)
     LoRAModelManager._add_adapter = _add_adapter
     LoRAModelManager.activate_adapter = _activate_adapter
+    LoRAModelManager.__init__ = _manager_init
+    PunicaWrapperBase._update_base_metadata = _update_base_metadata
     lora_utils._all_lora_classes = tuple(DISEL_CLASSES.get(cls, cls) for cls in lora_utils._all_lora_classes)
     for module in (lora_ops, torch_ops, punica_cpu):
         module.bgmv_shrink = _bgmv_shrink
@@ -160,11 +169,38 @@ def _add_adapter(self, lora) -> None:
         raise
 
 
+def _manager_init(self, *args, **kwargs) -> None:
+    _original["manager_init"](self, *args, **kwargs)
+    vllm_config = inspect.signature(_original["manager_init"]).bind(self, *args, **kwargs).arguments["vllm_config"]
+    compilation = vllm_config.compilation_config
+    self.disel_eager_reason = None
+    if compilation.mode != CompilationMode.NONE or compilation.cudagraph_mode != CUDAGraphMode.NONE:
+        self.disel_eager_reason = (
+            f"this engine runs with torch.compile mode {compilation.mode.name} and CUDA graph mode "
+            f"{compilation.cudagraph_mode.name}"
+        )
+
+
+def _update_base_metadata(self, mapping, lora_index_to_id, *args, **kwargs) -> None:
+    _original["_update_base_metadata"](self, mapping, lora_index_to_id, *args, **kwargs)
+    ids = set(mapping.index_mapping)
+    self.disel_batch_slots = tuple(
+        i for i, lora_id in enumerate(lora_index_to_id) if lora_id is not None and lora_id in ids
+    )
+
+
 def _check_layers(manager, lora) -> None:
     for name, weights in lora.loras.items():
         gate = getattr(weights, "disel_gate", None)
         if gate is None:
             continue
+        reason = getattr(manager, "disel_eager_reason", None)
+        if reason:
+            raise ValueError(
+                f"vllm_disel serves DISeL adapters in eager mode only, but {reason}: its layers choose the gated path "
+                "per batch in Python, which torch.compile and CUDA graphs would freeze. Start vLLM with "
+                "enforce_eager=True (--enforce-eager)."
+            )
         module = manager.modules.get(name)
         if module is None:
             continue  # vLLM leaves out LoRA weights of layers it does not wrap; their gates go with them

@@ -12,8 +12,11 @@ with vLLM's punica ops, which take each token's slot index:
 
 A slot holding a plain LoRA adapter has gate rows of zero and a bias of +inf, so its gate is exactly 1 and its rows get
 `B_i A_i x`. Tokens without an adapter (index -1) read an extra bias row of -inf, so their gate is exactly 0 whatever
-the punica ops do with index -1. While no slot of a layer holds a DISeL adapter, the layer runs vLLM's own LoRA path
-unchanged.
+the punica ops do with index -1. A batch in which no token uses a slot holding a DISeL gate of the layer runs vLLM's own
+LoRA path unchanged (plain LoRA adapters and rows without one, even while DISeL adapters hold other slots).
+
+The path is chosen in Python at each forward, from the slots of the batch: that needs eager execution (no torch.compile,
+no CUDA graphs, which would freeze the choice); the plugin refuses DISeL adapters otherwise (`hooks.py`).
 """
 
 import torch
@@ -111,8 +114,16 @@ class DiselLinearMixin:
         self.disel_slots[index] = value
         self.disel_active = any(self.disel_slots)
 
-    def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    def _uses_gates(self) -> bool:
+        """Whether a token of the current batch uses a slot that holds a DISeL gate of this layer."""
         if not self.disel_active:
+            return False
+        # the slots of the batch's adapters, recorded with the batch's mapping (hooks.py); all slots if unknown
+        batch_slots = getattr(self.punica_wrapper, "disel_batch_slots", None)
+        return batch_slots is None or any(self.disel_slots[s] for s in batch_slots)
+
+    def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if not self._uses_gates():
             return super()._apply_lora_to_output(x, output)
         original_shape = output.shape if output.ndim == 3 else None
         if x.ndim == 3 and output.ndim == 3:
@@ -125,7 +136,7 @@ class DiselLinearMixin:
 
     def _apply_async_impl(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         # the dual-stream path (CUDA) runs vLLM's plain LoRA ops; DISeL slots take the gated path on the main stream
-        if not self.disel_active:
+        if not self._uses_gates():
             return super()._apply_async_impl(x, bias)
         return self._apply_sync(x, bias)
 
