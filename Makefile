@@ -75,9 +75,10 @@ check:
 # Then the vLLM serving tests (make test-vllm; measured on a fresh clone: install-vllm 129 s, the tests 144 s);
 # VLLM_TESTS=0 leaves them out.
 VLLM_TESTS ?= 1
-test: install $(if $(filter 1,$(VLLM_TESTS)),install-vllm)
+test: install
 	$(PY) tooling/run_tests.py test $(PYTEST_ARGS)
 ifeq ($(VLLM_TESTS),1)
+	$(MAKE) --no-print-directory install-vllm
 	$(VLLM_TEST_RUN)
 endif
 
