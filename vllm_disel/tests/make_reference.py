@@ -126,7 +126,7 @@ def lora_config(options: dict, disel: dict | None):
     kwargs = {"lora_dropout": 0.0, "task_type": "CAUSAL_LM", **options}
     if disel is None:
         return LoraConfig(**kwargs)
-    return LoraConfig(use_disel=True, disel_config=DiselConfig(**disel) if disel else None, **kwargs)
+    return LoraConfig(use_disel=DiselConfig(**disel), **kwargs)
 
 
 def train(base_dir: Path, config, text: list[str], steps: int, seed: int):
@@ -178,14 +178,14 @@ def gate_openings(model, prompts: list[list[int]]) -> tuple[float, float]:
 
     total, above, count = 0.0, 0, 0
 
-    def hook(gate, logits):
+    def hook(gate, args, logits):
         nonlocal total, above, count
         gates = torch.sigmoid(logits.float())
         total += gates.sum().item()
         above += (gates > 0.5).sum().item()
         count += gates.numel()
 
-    handles = [m.register_logits_hook(hook) for m in model.modules() if isinstance(m, DiselGate)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DiselGate)]
     for ids in prompts:
         model(torch.tensor([ids]))
     for h in handles:

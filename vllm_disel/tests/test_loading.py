@@ -73,11 +73,11 @@ def copy_adapter(reference_dir, tmp_path, name, edit):
         ("disel_lm_head", None, "gate on 'lm_head'"),
         (
             "disel_a",
-            lambda c: c["disel_config"].update(gate_temperature=2.0),
+            lambda c: c["use_disel"].update(gate_temperature=2.0),
             "Unknown DISeL option(s) ['gate_temperature']",
         ),
-        ("disel_a", lambda c: c.update(use_disel=False, disel_config=None), "does not set `use_disel`"),
-        ("disel_c", lambda c: c["disel_config"].update(gate_bottleneck_dim=None), "the config and the weights do not"),
+        ("disel_a", lambda c: c.update(use_disel=False), "does not set `use_disel`"),
+        ("disel_c", lambda c: c["use_disel"].update(gate_bottleneck_dim=None), "the config and the weights do not"),
     ],
 )
 def test_refused_at_load_time(reference_dir, tmp_path, name, edit, message):
