@@ -28,17 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import GATE, disel_config, lm_batch, make_tokenizer, probe_ids
+from disel_integration_utils import GATE, TRAIN_TEXT, disel_config, lm_batch, make_tokenizer, probe_ids
 
 
 # the training texts: 3 steps x 2 processes x 2 per process (the order is kept: sequential sampling)
-TEXTS = [
-    "the cat sat on the mat .",
-    "the dog ran under the tree .",
-    "a bird flew in the sky .",
-    "a fish swam in the sea .",
-    "the red cat sat on a blue mat .",
-    "the big dog ran in the sea .",
+TEXTS = TRAIN_TEXT + [
     "what colour is the sky ? blue .",
     "where is the cat ? on the mat .",
     "how many dogs ran ? two .",

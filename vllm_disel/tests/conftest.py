@@ -20,6 +20,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# the engine of the tests: 3 LoRA slots for the 4 adapters, float32 like the PEFT reference, no CUDA graphs or compile
+ENGINE_ARGS = {
+    "enable_lora": True,
+    "max_lora_rank": 8,
+    "max_loras": 3,
+    "max_cpu_loras": 3,
+    "dtype": "float32",
+    "enforce_eager": True,
+    "max_model_len": 128,
+    "max_num_seqs": 8,
+    "seed": 0,
+}
+
 # per-token log-probabilities of vLLM and PEFT + transformers (float32) must agree to this (measured: < 5e-6)
 LOGPROB_ATOL = 1e-4
 

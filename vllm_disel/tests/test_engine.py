@@ -6,7 +6,7 @@ the mixed batches fill every slot next to rows without an adapter.
 """
 
 import pytest
-from conftest import LOGPROB_ATOL
+from conftest import ENGINE_ARGS, LOGPROB_ATOL
 
 
 pytestmark = pytest.mark.timeout(900)
@@ -20,15 +20,7 @@ def llm(reference_dir):
 
     engine = LLM(
         model=str(reference_dir / "base"),
-        enable_lora=True,
-        max_lora_rank=8,
-        max_loras=3,
-        max_cpu_loras=3,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=128,
-        max_num_seqs=8,
-        seed=0,
+        **ENGINE_ARGS,
     )
     yield engine
     engine.llm_engine.engine_core.shutdown()

@@ -5,6 +5,7 @@ gate. The tokens and log-probabilities must equal PEFT's as with one process."""
 import os
 
 import pytest
+from conftest import ENGINE_ARGS
 from test_engine import ADAPTERS, check_row, generate
 
 
@@ -25,15 +26,7 @@ def llm(reference_dir):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}|{cores[1]}"
     engine = LLM(
         model=str(reference_dir / "base"),
-        enable_lora=True,
-        max_lora_rank=8,
-        max_loras=3,
-        max_cpu_loras=3,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=128,
-        max_num_seqs=8,
-        seed=0,
+        **ENGINE_ARGS,
         tensor_parallel_size=2,
         distributed_executor_backend="mp",
     )
