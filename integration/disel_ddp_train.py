@@ -19,7 +19,15 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import GATE, TRAIN_TEXT, disel_config, gate_state, lm_batch, parse_launch_args, probe_ids
+from disel_integration_utils import (
+    TRAIN_TEXT,
+    check_gates_moved_and_agree,
+    disel_config,
+    gate_state,
+    lm_batch,
+    parse_launch_args,
+    probe_ids,
+)
 
 from peft import get_peft_model
 from peft.optimizers import create_disel_optimizer
@@ -51,11 +59,7 @@ def main():
 
     peft_model = accelerator.unwrap_model(model)
     gates = gate_state(peft_model)
-    assert all(not torch.equal(gates[n], gates_before[n]) for n in gates), "a gate did not move"
-    flat = torch.cat([gates[n].flatten() for n in sorted(gates)])
-    gathered = accelerator.gather(flat[None])
-    assert torch.equal(gathered[0], gathered[1]), "the gates differ across ranks"
-    print(f"DDP rank {rank}: {len(gates)} {GATE} tensors identical on both ranks", flush=True)
+    check_gates_moved_and_agree(gates, gates_before, f"DDP rank {rank}")
 
     if accelerator.is_main_process:
         peft_model.eval()

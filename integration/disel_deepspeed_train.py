@@ -28,7 +28,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import GATE, TRAIN_TEXT, disel_config, lm_batch, make_tokenizer, probe_ids
+from disel_integration_utils import (
+    GATE,
+    TRAIN_TEXT,
+    DiselOptimizerMixin,
+    check_gates_moved_and_agree,
+    disel_config,
+    lm_batch,
+    make_tokenizer,
+    probe_ids,
+)
 
 
 # the training texts: 3 steps x 2 processes x 2 per process (the order is kept: sequential sampling)
@@ -118,26 +127,8 @@ def gathered(params):
 def disel_trainer_class():
     from transformers import Trainer
 
-    from peft.optimizers import create_disel_optimizer
-
-    class DiselTrainer(Trainer):
-        """A Trainer whose optimizer puts the DISeL gates in their own group at `gate_lr_ratio` x the lr.
-
-        Under DeepSpeed, `Trainer(optimizers=(optimizer, None))` is not enough: transformers' `deepspeed_init` drops a
-        passed optimizer (`trainer.optimizer = None`) and calls `create_optimizer`, which would build the default
-        AdamW with the gates at the LoRA lr.
-        """
-
-        def create_optimizer(self, model=None):
-            if self.optimizer is None:
-                self.optimizer = create_disel_optimizer(
-                    self.model if model is None else model,
-                    torch.optim.AdamW,
-                    lr=self.args.learning_rate,
-                    gate_lr_ratio=GATE_LR_RATIO,
-                    weight_decay=self.args.weight_decay,
-                )
-            return self.optimizer
+    class DiselTrainer(DiselOptimizerMixin, Trainer):
+        gate_lr_ratio = GATE_LR_RATIO
 
     return DiselTrainer
 
@@ -249,12 +240,7 @@ def main():
         with gathered(list(gate_params.values())):
             gates = {n: p.detach().clone() for n, p in gate_params.items()}
         assert all(gates[n].shape == gates_before[n].shape for n in gates), "a gathered gate has the wrong shape"
-        assert all(not torch.equal(gates[n], gates_before[n]) for n in gates), "a gate did not move"
-        flat = torch.cat([gates[n].flatten() for n in sorted(gates)])
-        per_rank = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(per_rank, flat)
-        assert torch.equal(per_rank[0], per_rank[1]), "the gates differ across ranks"
-        print(f"{tag} rank {rank}: {len(gates)} {GATE} tensors identical on both ranks", flush=True)
+        check_gates_moved_and_agree(gates, gates_before, f"{tag} rank {rank}")
 
     # every rank runs the forward (ZeRO-3 gathers the partitions in it); rank 0 keeps the outputs
     model.eval()

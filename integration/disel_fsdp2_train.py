@@ -21,7 +21,15 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import GATE, TRAIN_TEXT, disel_config, lm_batch, parse_launch_args, probe_ids
+from disel_integration_utils import (
+    GATE,
+    TRAIN_TEXT,
+    check_gates_moved_and_agree,
+    disel_config,
+    lm_batch,
+    parse_launch_args,
+    probe_ids,
+)
 
 from peft import get_peft_model
 from peft.optimizers import create_disel_optimizer
@@ -59,13 +67,7 @@ def main():
     # the full (unsharded) state dict on every rank, to compare the gates
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     gates = {n: t for n, t in full.items() if GATE in n}
-    assert gates.keys() == gates_before.keys()
-    assert all(not torch.equal(gates[n], gates_before[n]) for n in gates), "a gate did not move"
-    flat = torch.cat([gates[n].flatten() for n in sorted(gates)])
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat)
-    assert torch.equal(gathered[0], gathered[1]), "the gates differ across ranks"
-    print(f"FSDP2 rank {rank}: {len(gates)} {GATE} tensors identical on both ranks", flush=True)
+    check_gates_moved_and_agree(gates, gates_before, f"FSDP2 rank {rank}")
 
     # every rank runs the forward (it gathers the shards); rank 0 keeps the outputs
     model.eval()

@@ -85,6 +85,44 @@ def gate_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if GATE in n}
 
 
+def check_gates_moved_and_agree(gates, gates_before, label):
+    """Assert that every gate moved from `gates_before` and that all processes hold the same gates, and say so."""
+    import torch.distributed as dist
+
+    assert gates.keys() == gates_before.keys()
+    assert all(not torch.equal(gates[n], gates_before[n]) for n in gates), "a gate did not move"
+    flat = torch.cat([gates[n].flatten() for n in sorted(gates)])
+    per_rank = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(per_rank, flat)
+    assert all(torch.equal(per_rank[0], other) for other in per_rank[1:]), "the gates differ across ranks"
+    print(f"{label}: {len(gates)} {GATE} tensors identical on all {len(per_rank)} ranks", flush=True)
+
+
+class DiselOptimizerMixin:
+    """For a transformers `Trainer` (or TRL's): `create_optimizer` puts the DISeL gates in their own group at
+    `gate_lr_ratio` x the learning rate, with `create_disel_optimizer`.
+
+    Under DeepSpeed, `Trainer(optimizers=(optimizer, None))` is not enough: transformers' `deepspeed_init` drops a passed
+    optimizer (`trainer.optimizer = None`) and calls `create_optimizer`, which would build the default AdamW with the
+    gates at the LoRA lr.
+    """
+
+    gate_lr_ratio = 5.0
+
+    def create_optimizer(self, model=None):
+        from peft.optimizers import create_disel_optimizer
+
+        if self.optimizer is None:
+            self.optimizer = create_disel_optimizer(
+                self.model if model is None else model,
+                torch.optim.AdamW,
+                lr=self.args.learning_rate,
+                gate_lr_ratio=self.gate_lr_ratio,
+                weight_decay=self.args.weight_decay,
+            )
+        return self.optimizer
+
+
 def probe_ids():
     """A fixed batch to compare the outputs of a trained model with those of its reloaded adapter."""
     tokenizer = make_tokenizer()

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from disel_integration_utils import (
     GATE,
+    DiselOptimizerMixin,
     disel_config,
     gate_state,
     make_base_model,
@@ -37,23 +38,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:Futur
 LR, RATIO = 1e-2, 5.0
 
 
-class DiselSFTTrainer(trl.SFTTrainer):
+class DiselSFTTrainer(DiselOptimizerMixin, trl.SFTTrainer):
     """SFTTrainer whose optimizer puts the DISeL gates in their own group (for the `peft_config` flow)."""
 
     def __init__(self, *args, gate_lr_ratio=5.0, **kwargs):
         self.gate_lr_ratio = gate_lr_ratio
         super().__init__(*args, **kwargs)
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            self.optimizer = create_disel_optimizer(
-                self.model if model is None else model,
-                torch.optim.AdamW,
-                lr=self.args.learning_rate,
-                gate_lr_ratio=self.gate_lr_ratio,
-                weight_decay=self.args.weight_decay,
-            )
-        return self.optimizer
 
 
 def _dataset():
