@@ -86,7 +86,7 @@ def gate_state(model):
 
 
 def check_gates_moved_and_agree(gates, gates_before, label):
-    """Assert that every gate moved from `gates_before` and that all processes hold the same gates, and say so."""
+    """Assert that every gate moved from `gates_before` and that both processes hold the same gates, and say so."""
     import torch.distributed as dist
 
     assert gates.keys() == gates_before.keys()
@@ -95,7 +95,7 @@ def check_gates_moved_and_agree(gates, gates_before, label):
     per_rank = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(per_rank, flat)
     assert all(torch.equal(per_rank[0], other) for other in per_rank[1:]), "the gates differ across ranks"
-    print(f"{label}: {len(gates)} {GATE} tensors identical on all {len(per_rank)} ranks", flush=True)
+    print(f"{label}: {len(gates)} {GATE} tensors identical on both ranks", flush=True)
 
 
 class DiselOptimizerMixin:

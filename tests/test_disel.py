@@ -228,6 +228,17 @@ class TestDiselModel:
         with pytest.raises(ValueError, match="add_weighted_adapter does not support DISeL adapters"):
             model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "combined", combination_type="cat")
 
+    def test_hotswap_refused(self, tmp_path):
+        from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+        get_model().save_pretrained(tmp_path)
+        lora = get_peft_model(MLP(), LoraConfig(target_modules=["lin0", "lin1"]))
+        for model in (get_model(), lora):
+            with pytest.raises(ValueError, match="Hotswapping does not support DISeL adapters"):
+                hotswap_adapter(model, str(tmp_path), adapter_name="default")
+        with pytest.raises(ValueError, match="Hotswapping does not support DISeL adapters"):
+            prepare_model_for_compiled_hotswap(get_model(), target_rank=16)
+
     def test_gates_follow_add_set_delete_adapter(self):
         model = get_model()
         model.add_adapter("other", LoraConfig(target_modules=["lin1"], use_disel={"gate_bottleneck_dim": 2}))
