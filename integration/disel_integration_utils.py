@@ -34,22 +34,27 @@ def make_tokenizer():
     )
 
 
-def make_base_model(seed=0):
-    """A 2-layer, 64-wide random LlamaForCausalLM (widths that real models have), the same for the same seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(**shape):
+    """A LlamaConfig of the given shape for the tokenizer of `make_tokenizer`: its vocabulary size (equal, or lm-eval
+    resizes the embeddings before loading an adapter) and special tokens; 256 positions unless given."""
+    from transformers import LlamaConfig
 
     tokenizer = make_tokenizer()
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),  # equal, or lm-eval resizes the embeddings before loading an adapter
-        max_position_embeddings=256,
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **{"max_position_embeddings": 256, **shape},
+    )
+
+
+def make_base_model(seed=0):
+    """A 2-layer, 64-wide random LlamaForCausalLM (widths that real models have), the same for the same seed."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "integration"))
 
-from disel_integration_utils import make_tokenizer  # noqa: E402
+from disel_integration_utils import llama_config, make_tokenizer  # noqa: E402
 
 
 NEW_TOKENS = 8
@@ -92,21 +92,16 @@ REFUSED = {
 
 def build_base(folder: Path) -> Path:
     """A random float32 LlamaForCausalLM with the shapes of a real (if very small) model, and its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = make_tokenizer()
-    config = LlamaConfig(
+    config = llama_config(
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=64,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
         dtype="float32",
     )
@@ -207,22 +202,18 @@ def build_bench(out: Path, hidden: int, layers: int, rank: int) -> None:
     """The throughput benchmark's model (head size 64, 4 query heads per key/value head, an MLP of 8/3 x hidden rounded
     to a multiple of 64) and its two adapters: DISeL and plain LoRA at rank `rank` on every linear layer."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     tokenizer = make_tokenizer()
     heads = hidden // 64
-    config = LlamaConfig(
+    config = llama_config(
         hidden_size=hidden,
         intermediate_size=(hidden * 8 // 3 + 63) // 64 * 64,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 4),
         head_dim=64,
-        vocab_size=len(tokenizer),
         max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         dtype="float32",
     )
     torch.manual_seed(0)
