@@ -13,6 +13,8 @@
 # limitations under the License.
 """Tests of DISeL (`LoraConfig(use_disel=...)`) beyond its rows in the shared test matrices."""
 
+import copy
+import importlib.util
 import json
 import re
 
@@ -74,17 +76,21 @@ class TestDiselConfig:
         assert config.use_disel == DiselConfig()
         config.save_pretrained(tmp_path)
         saved = json.loads((tmp_path / "adapter_config.json").read_text())["use_disel"]
-        assert saved == {"gate_bias_init": -3.0, "gate_weight_init": "random", "gate_normalize": False,
-                         "gate_bottleneck_dim": None}  # fmt: skip
+        assert saved == {"gate_bias_init": -3.0, "gate_normalize": False, "gate_bottleneck_dim": None}
         for loader in (LoraConfig, PeftConfig):
             assert loader.from_pretrained(tmp_path).use_disel == DiselConfig()
 
     @pytest.mark.parametrize("value", [False, None])
-    def test_off(self, value):
-        assert LoraConfig(use_disel=value).use_disel is value
+    def test_off_is_saved_as_none(self, tmp_path, value):
+        # one "off" value, so that configs compare equal (e.g. for hotswapping) whichever way DISeL was left off
+        config = LoraConfig(target_modules=["lin0"], use_disel=value)
+        assert config.use_disel is None
+        assert config.to_dict() == LoraConfig(target_modules=["lin0"]).to_dict()
+        config.save_pretrained(tmp_path)
+        assert json.loads((tmp_path / "adapter_config.json").read_text())["use_disel"] is None
 
     def test_options_round_trip(self, tmp_path):
-        options = DiselConfig(gate_bias_init=-5, gate_weight_init="zero", gate_normalize=True, gate_bottleneck_dim=3)
+        options = DiselConfig(gate_bias_init=-5, gate_normalize=True, gate_bottleneck_dim=3)
         LoraConfig(target_modules=["lin0"], use_disel=options).save_pretrained(tmp_path)
         assert PeftConfig.from_pretrained(tmp_path).use_disel == options
 
@@ -95,7 +101,7 @@ class TestDiselConfig:
         saved = json.loads(path.read_text())
         saved["use_disel"]["gate_temperature"] = 2.0
         path.write_text(json.dumps(saved))
-        with pytest.warns(UserWarning, match=r"unknown DISeL option\(s\) \['gate_temperature'\].*gate_bias_init"):
+        with pytest.warns(UserWarning, match=r"Unexpected keys \['gate_temperature'\] for DiselConfig"):
             config = LoraConfig.from_pretrained(tmp_path)
         assert config.use_disel == DiselConfig(gate_bias_init=-4.0)
 
@@ -104,22 +110,31 @@ class TestDiselConfig:
         [
             ({"gate_bias_init": "low"}, "`gate_bias_init` must be a finite number"),
             ({"gate_bias_init": float("inf")}, "`gate_bias_init` must be a finite number"),
-            ({"gate_weight_init": "ones"}, "`gate_weight_init` must be 'random' or 'zero'"),
-            ({"gate_normalize": "yes"}, "`gate_normalize` a bool"),
+            ({"gate_bias_init": float("nan")}, "`gate_bias_init` must be a finite number"),
+            ({"gate_normalize": "yes"}, "`gate_normalize` must be a bool"),
             ({"gate_bottleneck_dim": 0}, "`gate_bottleneck_dim` must be a positive integer"),
             ({"gate_bottleneck_dim": 2.5}, "`gate_bottleneck_dim` must be a positive integer"),
-            ("yes", "`use_disel` must be a bool, a `DiselConfig` or a dict"),
         ],
     )
     def test_invalid_options(self, use_disel, error):
+        # refused by DiselConfig itself, whether it is built alone, from `LoraConfig`'s dict or from a saved config
+        with pytest.raises((ValueError, TypeError), match=re.escape(error)):
+            DiselConfig(**use_disel)
         with pytest.raises((ValueError, TypeError), match=re.escape(error)):
             LoraConfig(use_disel=use_disel)
+
+    def test_invalid_type(self):
+        with pytest.raises(TypeError, match="`DiselConfig` must be a `DiselConfig`, a dict, or None"):
+            LoraConfig(use_disel="yes")
 
     @pytest.mark.parametrize(
         "kwargs, error",
         [
             ({"use_dora": True}, "cannot be combined with other LoRA variants"),
-            ({"init_lora_weights": "pissa"}, "does not support `init_lora_weights='pissa'`"),
+            (
+                {"init_lora_weights": "pissa"},
+                "Use `init_lora_weights=True` (B at zero, the method's recipe), 'gaussian', 'eva' or False",
+            ),
             ({"init_lora_weights": "olora"}, "does not support `init_lora_weights='olora'`"),
             ({"lora_bias": True}, "does not support `lora_bias`"),
             ({"target_parameters": ["lin0.weight"], "target_modules": None}, "does not support `target_parameters`"),
@@ -135,6 +150,43 @@ class TestDiselConfig:
     @pytest.mark.parametrize("init", [True, False, "gaussian", "eva"])
     def test_accepted_inits(self, init):
         assert LoraConfig(use_disel=True, init_lora_weights=init).use_disel
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
+class TestDiselTorchao:
+    # DISeL on a torchao int8 weight-only base: TorchaoLoraLinear runs Linear's variants (on the CPU too)
+    def load_base(self, path):
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import AutoModelForCausalLM, TorchAoConfig
+
+        config = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+
+    def test_train_save_load_and_merge_refused(self, tmp_path):
+        tiny_llama().save_pretrained(tmp_path / "base")
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_disel=True)
+        model = get_peft_model(self.load_base(tmp_path / "base"), config)
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert type(layer).__name__ == "TorchaoLoraLinear"
+        optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=1e-2)
+        ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+        model.train()
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert not torch.equal(layer.lora_disel_gate["default"].bias, torch.full((4,), -3.0))
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        with pytest.raises(NotImplementedError, match="Cannot merge adapter 'default'"):
+            layer.merge()  # the layer's own merge, which reads no variant merge method
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, logits)
+        model.save_pretrained(tmp_path / "adapter")
+        loaded = PeftModel.from_pretrained(self.load_base(tmp_path / "base"), tmp_path / "adapter").eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, logits)
 
 
 class TestDiselLayer:
@@ -198,9 +250,9 @@ class TestDiselModel:
     @pytest.mark.parametrize("method", ["merge_adapter", "merge_and_unload", "layer_merge", "layer_safe_merge"])
     def test_merge_refused_before_any_weight_changes(self, method):
         # a plain LoRA adapter first: a merge that did not check every adapter up front would already have merged it
-        model = get_model(adapter_kwargs={"adapter_name": "lora"}, use_disel=False, target_modules=["lin0"])
+        model = get_model(adapter_kwargs={"adapter_name": "plain"}, use_disel=False, target_modules=["lin0"])
         model.add_adapter("disel", LoraConfig(target_modules=["lin1"], init_lora_weights=False, use_disel=True))
-        model.base_model.set_adapter(["lora", "disel"])
+        model.base_model.set_adapter(["plain", "disel"])
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(NotImplementedError, match="Cannot merge .*'disel'"):
             if method.startswith("layer"):  # the layer's own merge, which the variant refuses
@@ -222,22 +274,58 @@ class TestDiselModel:
 
     def test_convert_to_lora_and_weighted_adapters_refused(self):
         model = get_model()
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="do not support LoRA conversion"):
             convert_to_lora(model, rank=4)
         model.add_adapter("other", LoraConfig(target_modules=["lin0", "lin1"], use_disel=True))
         with pytest.raises(ValueError, match="add_weighted_adapter does not support DISeL adapters"):
             model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "combined", combination_type="cat")
 
-    def test_hotswap_refused(self, tmp_path):
+    def test_hotswap_between_disel_adapters(self, tmp_path):
+        from peft.utils.hotswap import hotswap_adapter
+
+        for seed, name in ((1, "a"), (2, "b")):
+            model = get_model()
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for param in gate_params(model).values():
+                    param.normal_()  # so that a gate that was not swapped shows in the output
+            model.save_pretrained(tmp_path / name)
+        base = get_model().unload()  # the base model of the saved adapters
+        with torch.no_grad():
+            expected = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b").eval()(X)
+        model = PeftModel.from_pretrained(base, tmp_path / "a").eval()
+        hotswap_adapter(model, tmp_path / "b", adapter_name="default")
+        with torch.no_grad():
+            assert torch.equal(model(X), expected)
+
+    @pytest.mark.parametrize("use_disel", [None, {"gate_normalize": True}])
+    def test_hotswap_of_an_adapter_with_another_forward_raises(self, tmp_path, use_disel):
+        from peft.utils.hotswap import hotswap_adapter
+
+        get_model(use_disel=use_disel).save_pretrained(tmp_path)
+        with pytest.raises(ValueError, match="Configs are incompatible: for use_disel"):
+            hotswap_adapter(get_model(), tmp_path, adapter_name="default")
+
+    def test_hotswap_checks_between_plain_lora_configs_unchanged(self):
+        # LoraConfig(use_disel=False) and LoraConfig() are the same config
+        from peft.utils.hotswap import check_hotswap_configs_compatible
+
+        for value in (False, None):
+            check_hotswap_configs_compatible(LoraConfig(), LoraConfig(use_disel=value))
+
+    def test_model_without_disel_adapters_after_delete_is_plain_lora(self, tmp_path):
+        # deleting the last DISeL adapter leaves a model that plain LoRA's hotswapping accepts
         from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 
-        get_model().save_pretrained(tmp_path)
-        lora = get_peft_model(MLP(), LoraConfig(target_modules=["lin0", "lin1"]))
-        for model in (get_model(), lora):
-            with pytest.raises(ValueError, match="Hotswapping does not support DISeL adapters"):
-                hotswap_adapter(model, str(tmp_path), adapter_name="default")
-        with pytest.raises(ValueError, match="Hotswapping does not support DISeL adapters"):
-            prepare_model_for_compiled_hotswap(get_model(), target_rank=16)
+        plain = get_model(adapter_kwargs={"adapter_name": "plain"}, use_disel=False)
+        plain.save_pretrained(tmp_path)
+        model = get_model(adapter_kwargs={"adapter_name": "plain"}, use_disel=False)
+        model.add_adapter("disel", LoraConfig(target_modules=["lin0", "lin1"], use_disel=True))
+        model.delete_adapter("disel")
+        prepare_model_for_compiled_hotswap(model, target_rank=16)
+        hotswap_adapter(model, tmp_path / "plain", adapter_name="plain")
+        with torch.no_grad():
+            torch.testing.assert_close(model(X), plain(X))
 
     def test_gates_follow_add_set_delete_adapter(self):
         model = get_model()
@@ -251,18 +339,18 @@ class TestDiselModel:
         assert all(".other." in name for name in gate_params(model))
 
     def test_mixed_batch_equals_each_adapter_alone(self):
-        model = get_model(adapter_kwargs={"adapter_name": "lora"}, use_disel=False)
+        model = get_model(adapter_kwargs={"adapter_name": "plain"}, use_disel=False)
         model.add_adapter(
             "disel", LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False, use_disel=True)
         )
         alone = {}
         with torch.no_grad():
-            for name in ("lora", "disel"):
+            for name in ("plain", "disel"):
                 model.set_adapter(name)
                 alone[name] = model(X[:2])
-            mixed = model(X[:2], adapter_names=["disel", "lora"])
+            mixed = model(X[:2], adapter_names=["disel", "plain"])
         torch.testing.assert_close(mixed[0], alone["disel"][0])
-        torch.testing.assert_close(mixed[1], alone["lora"][1])
+        torch.testing.assert_close(mixed[1], alone["plain"][1])
 
     @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
     def test_llama_train_save_load_exact(self, tmp_path, low_cpu_mem_usage):
@@ -315,14 +403,6 @@ class TestDiselOptimizer:
             assert {id(p) for p in gates[0]["params"]} == {
                 id(p) for n, p in gate_params(model).items() if ".frozen." not in n
             }
-
-    def test_norm_weights_get_no_weight_decay(self):
-        config = LoraConfig(target_modules=["q_proj"], use_disel=True, modules_to_save=["model.norm"])
-        model = get_peft_model(tiny_llama(), config)
-        optimizer = create_disel_optimizer(model, torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
-        decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
-        assert id(model.base_model.model.model.norm.modules_to_save["default"].weight) not in decay
-        assert id(model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight) in decay
 
     def test_trainer_keeps_the_gate_learning_rate(self, tmp_path):
         from transformers import Trainer, TrainingArguments

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -187,7 +188,7 @@ def test_reference_checkpoint_matches_reference_forward(tmp_path, case):
 
     model, config = load_converted(tmp_path, tmp_path / "converted")
     assert config.use_disel == DiselConfig(
-        gate_bias_init=-3.0, gate_weight_init="random", gate_normalize=normalize, gate_bottleneck_dim=bottleneck
+        gate_bias_init=-3.0, gate_normalize=normalize, gate_bottleneck_dim=bottleneck
     )
     gate = model.base_model.model.lin0.lora_disel_gate["default"]
     assert (gate.weight_up is None) == (bottleneck is None)
@@ -244,9 +245,11 @@ def test_command_line(tmp_path):
         disel_reference.main([str(tmp_path / "ref"), str(tmp_path / "new")])
 
 
+@pytest.mark.parametrize("release", ["disel.1", "disel.2"])
 @pytest.mark.parametrize("options", [{}, {"gate_bottleneck_dim": 2, "gate_normalize": True, "gate_bias_init": -5.0}])
-def test_adapters_of_the_first_release_load_exactly(tmp_path, options):
-    # disel.1 saved `"use_disel": true` and the options in `"disel_config"`; the weights had the same keys
+def test_adapters_of_earlier_releases_load_exactly(tmp_path, options, release):
+    # disel.1 saved `"use_disel": true` and the options in `"disel_config"`, disel.2 the options in `"use_disel"`;
+    # both had `gate_weight_init` among them, and the weights had the same keys
     torch.manual_seed(1)
     config = LoraConfig(
         r=R, target_modules=["emb", "lin0", "lin1"], init_lora_weights=False, use_disel=options or True
@@ -254,7 +257,9 @@ def test_adapters_of_the_first_release_load_exactly(tmp_path, options):
     model = get_peft_model(make_base(), config).eval()
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    saved["disel_config"], saved["use_disel"] = saved["use_disel"], True
+    saved["use_disel"]["gate_weight_init"] = "zero"
+    if release == "disel.1":
+        saved["disel_config"], saved["use_disel"] = saved["use_disel"], True
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "unexpected keyword" warning: nothing is dropped
@@ -287,7 +292,6 @@ def test_config_detection_and_conversion():
     assert not set(disel_reference.REFERENCE_CONFIG_KEYS) & set(converted)
     assert converted["use_disel"] == {
         "gate_bias_init": -3.0,
-        "gate_weight_init": "random",
         "gate_normalize": True,
         "gate_bottleneck_dim": 2,
     }
@@ -309,7 +313,6 @@ def test_config_detection_and_conversion():
     partial = disel_reference.convert_reference_disel_config({"peft_type": "LORA", "disel_gate_normalize": True})
     assert partial["use_disel"] == {
         "gate_bias_init": -3.0,
-        "gate_weight_init": "random",
         "gate_normalize": True,
         "gate_bottleneck_dim": None,
     }
@@ -399,3 +402,30 @@ def test_legacy_pt_is_loaded_without_unpickling_objects(tmp_path):
     torch.save({"gate": torch.ones(1), "step": 3}, path)
     with pytest.raises(ValueError, match="flat mapping"):
         disel_reference.load_reference_gate_file(path)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: LoraConfig(use_disel=True, disel_config={"gate_bias_init": -4.0, "gate_lr_ratio": 2.0}),
+            (
+                "write `LoraConfig(use_disel=DiselConfig(gate_bias_init=-4.0))`, and the gate learning rate goes to "
+                "create_disel_optimizer(..., gate_lr_ratio=2.0)"
+            ),
+        ),
+        (
+            lambda: DiselConfig(gate_lr_ratio=2.0),
+            "create_disel_optimizer(model, torch.optim.AdamW, lr=..., gate_lr_ratio=2.0)",
+        ),
+        (
+            lambda: DiselConfig(gate_weight_init="zero"),
+            "`gate_weight_init` is no `DiselConfig` option since release disel.3",
+        ),
+    ],
+)
+def test_code_of_earlier_releases_gets_the_current_form(call, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        call()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'gate_temperature'"):
+        LoraConfig(gate_temperature=1.0)  # any other unknown argument: Python's own error

@@ -16,7 +16,6 @@
 This module contains the optimizer helper of DISeL, which trains the gates with their own learning rate.
 """
 
-import re
 import warnings
 
 import torch
@@ -26,10 +25,6 @@ from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 from transformers.trainer_pt_utils import get_parameter_names
 
 
-# the name patterns that transformers' Trainer excludes from weight decay (biases and norm weights)
-_NO_DECAY_PATTERNS = [
-    re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
-]
 _GATE_CONTAINER = "lora_disel_gate"
 
 
@@ -57,12 +52,12 @@ def create_disel_optimizer(
     decay; the paper trains them at 5x the LoRA learning rate (e.g. 1e-3 vs 2e-4). The gate learning rate is the main
     knob of the adaptation-versus-retention trade-off: a higher ratio lets the gates open faster (more adaptation), a
     lower one keeps them closed longer (more retention of the pre-trained behaviour). All other trainable parameters
-    (`lora_A`, `lora_B`, `modules_to_save`, ...) are trained at `lr`, with `weight_decay` except for biases and norm
-    weights, as transformers' `Trainer` does. Frozen parameters are left out.
+    (`lora_A`, `lora_B`, `modules_to_save`, ...) are trained at `lr`, with `weight_decay` except for biases and layer
+    norm weights, as in `create_loraplus_optimizer`. Frozen parameters are left out.
 
     Pass the result to a transformers `Trainer` as `Trainer(..., optimizers=(optimizer, None))`. With DeepSpeed, the
-    `Trainer` ignores `optimizers` and builds its own optimizer, which would train the gates at `lr`: create this one in
-    an override of `Trainer.create_optimizer` instead.
+    `Trainer` ignores `optimizers` and builds its own optimizer, which would train the gates at `lr`: create this one
+    in an override of `Trainer.create_optimizer` instead.
 
     Example:
 
@@ -77,15 +72,15 @@ def create_disel_optimizer(
 
     Args:
         model (`torch.nn.Module`):
-            The model to be optimized: a `PeftModel`, its `base_model`, or the model it injected the adapters into.
-            It must have at least one trainable DISeL gate.
+            The model to be optimized: a `PeftModel`, its `base_model`, or the model it injected the adapters into. It
+            must have at least one trainable DISeL gate.
         optimizer_cls (`type[torch.optim.Optimizer]`):
             The optimizer class to be used, e.g. `torch.optim.AdamW`.
         lr (`float`):
             The learning rate of the non-gate parameters.
         gate_lr_ratio (`float`, *optional*, defaults to `5.0`):
-            The learning rate of the gates relative to `lr`, for the gates of all DISeL adapters. The paper's default is
-            5; lower values keep the gates closed longer (more retention), higher ones let them open faster (more
+            The learning rate of the gates relative to `lr`, for the gates of all DISeL adapters. The paper's default
+            is 5; lower values keep the gates closed longer (more retention), higher ones let them open faster (more
             adaptation).
         weight_decay (`float`, *optional*, defaults to `0.0`):
             The weight decay of the non-gate parameters other than biases and norm weights. The gates never get weight
@@ -100,8 +95,9 @@ def create_disel_optimizer(
     if isinstance(gate_lr_ratio, bool) or not isinstance(gate_lr_ratio, (int, float)) or not gate_lr_ratio > 0:
         raise ValueError(f"`gate_lr_ratio` must be a positive number, got {gate_lr_ratio!r}.")
 
+    # the weight decay grouping of `create_loraplus_optimizer`: no decay for biases and layer norm weights
     decay_names = get_parameter_names(model, ALL_LAYERNORM_LAYERS)
-    decay_names = {name for name in decay_names if not any(p.search(name.lower()) for p in _NO_DECAY_PATTERNS)}
+    decay_names = {name for name in decay_names if "bias" not in name}
 
     decay, no_decay, gates = [], [], []
     has_frozen_gates = False

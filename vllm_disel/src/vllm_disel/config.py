@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-# the options of PEFT's DiselConfig; `gate_bias_init` and `gate_weight_init` only matter for training
+# the options of PEFT's DiselConfig (`gate_weight_init`: saved by releases disel.1 and disel.2); `gate_bias_init` and
+# `gate_weight_init` only matter for training
 KNOWN_OPTIONS = ("gate_bias_init", "gate_weight_init", "gate_normalize", "gate_bottleneck_dim")
 
 

@@ -15,15 +15,13 @@
 
 DISeL multiplies each rank-one component of a LoRA update by an input-dependent sigmoid gate:
 
-    delta(x) = scaling * B(g(x) * A(dropout(x))),   g(x) = sigmoid(W_g x + b_g)
+    delta(x) = scaling * B(g(x) * A(dropout(x))), g(x) = sigmoid(W_g x + b_g)
 
 One independent gate per rank reads the layer input `x`. This module holds the gate and the math; the options are
 `DiselConfig` in `config.py`, and `DiselLinearVariant` in `variants.py` plugs the math into the LoRA layers.
 """
 
-import dataclasses
 import math
-import warnings
 from typing import Optional
 
 import torch
@@ -46,7 +44,6 @@ class DiselGate(nn.Module):
         bottleneck: Optional[int],
         norm: float,
         bias_init: float,
-        weight_init: str = "random",
         device=None,
         dtype=None,
     ):
@@ -57,7 +54,7 @@ class DiselGate(nn.Module):
         self.bias = nn.Parameter(torch.full((r,), float(bias_init), **kw))
         self.norm = norm
         if self.weight.device.type != "meta":  # here, so that DeepSpeed's zero.Init partitions initialized values
-            self.reset_parameters(weight_init)
+            self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # norm * W_g x + bias as one addmm: the norm scales the small weight, not the activations
@@ -69,13 +66,11 @@ class DiselGate(nn.Module):
         return weight * self.norm if self.norm != 1.0 else weight
 
     @torch.no_grad()
-    def reset_parameters(self, weight_init: str) -> None:
-        """nn.Linear's default init of the weights, or zero (the up-projection only, for a low-rank gate)."""
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init of the weights: random, so that the gates can tell inputs apart from the start."""
         for weight in (self.weight, self.weight_up):
             if weight is not None:
                 nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        if weight_init == "zero":
-            nn.init.zeros_(self.weight_up if self.weight_up is not None else self.weight)
 
 
 def create_disel_gate(module, adapter_name: str, config) -> None:
@@ -88,7 +83,6 @@ def create_disel_gate(module, adapter_name: str, config) -> None:
         bottleneck=options.gate_bottleneck_dim,
         norm=1.0 / math.sqrt(d_in) if options.gate_normalize else 1.0,
         bias_init=options.gate_bias_init,
-        weight_init=options.gate_weight_init,
         device=lora_A.weight.device,
         dtype=lora_A.weight.dtype,
     )
@@ -110,53 +104,3 @@ MERGE_ERROR = (
     "sigmoid(W_g x + b_g), so there is no fixed weight delta to fold into the base weight. Nothing was merged. Keep "
     "the adapter unmerged for inference, or use `unload()` to remove it."
 )
-
-
-def check_disel_config(config):
-    """The `DiselConfig` of `config.use_disel` (`True`, a `DiselConfig`, or its dict from a saved config), checked
-    against the rest of the `LoraConfig`."""
-    from .config import DiselConfig
-
-    options = config.use_disel
-    valid = [f.name for f in dataclasses.fields(DiselConfig)]
-    if options is True:
-        options = DiselConfig()
-    elif isinstance(options, dict):
-        unknown = sorted(set(options) - set(valid))
-        if unknown:  # e.g. an option of a newer PEFT version: load the adapter, but keep a typo visible
-            warnings.warn(f"Ignoring unknown DISeL option(s) {unknown} in `use_disel`; valid options: {valid}.")
-        options = DiselConfig(**{k: v for k, v in options.items() if k in valid})
-    elif not isinstance(options, DiselConfig):
-        raise TypeError(f"`use_disel` must be a bool, a `DiselConfig` or a dict, got {options!r}.")
-    bias, weight_init, normalize, bottleneck = (getattr(options, name) for name in valid)
-    if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
-        raise ValueError(f"`gate_bias_init` must be a finite number, got {bias!r}.")
-    if weight_init not in ("random", "zero") or not isinstance(normalize, bool):
-        raise ValueError(f"`gate_weight_init` must be 'random' or 'zero' and `gate_normalize` a bool, got {options}.")
-    if bottleneck is not None and (isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1):
-        raise ValueError(f"`gate_bottleneck_dim` must be a positive integer or None, got {bottleneck!r}.")
-
-    variants = [f.name for f in dataclasses.fields(config) if f.metadata.get("is_lora_variant")]
-    others = [name for name in variants if name != "use_disel" and getattr(config, name)]
-    if others:
-        raise ValueError(f"DISeL cannot be combined with other LoRA variants, got `use_disel` and {others}.")
-    if config.init_lora_weights not in (True, False, "gaussian", "eva"):
-        raise ValueError(
-            f"DISeL does not support `init_lora_weights={config.init_lora_weights!r}`: it needs B to start at zero and "
-            "the base weight unchanged. Use `init_lora_weights=True`, 'gaussian' or 'eva'."
-        )
-    for name in ("lora_bias", "megatron_config", "target_parameters"):
-        if getattr(config, name):
-            raise ValueError(f"DISeL does not support `{name}`.")
-    if bottleneck is not None and config.init_lora_weights == "eva":
-        raise ValueError(
-            "DISeL with `gate_bottleneck_dim` does not support `init_lora_weights='eva'`: EVA redistributes the ranks, "
-            "so a layer could end up with a rank at or below the bottleneck. Use the full gate with EVA."
-        )
-    smallest_r = min([config.r, *(config.rank_pattern or {}).values()])
-    if bottleneck is not None and bottleneck >= smallest_r:
-        raise ValueError(
-            f"`gate_bottleneck_dim={bottleneck}` must be smaller than the rank (r={smallest_r}): from r on, the "
-            "low-rank gate costs more than the full gate. Use a smaller value, or None for the full gate."
-        )
-    return options

@@ -14,8 +14,8 @@
 """Diagnostics of DISeL gates: record the gate openings `g(x) = sigmoid(W_g x + b_g)` while a model runs.
 
 The learned gates are an interpretable view of which layers and ranks adapt, and to which inputs: compare e.g. the
-openings on in-domain and out-of-domain data. [`DiselGateRecorder`] collects the statistics, [`plot_disel_gates`]
-draws them and [`DiselGateCallback`] logs the mean opening during training with a transformers `Trainer`.
+openings on in-domain and out-of-domain data. [`DiselGateRecorder`] collects the statistics, [`plot_disel_gates`] draws
+them and [`DiselGateCallback`] logs the mean opening during training with a transformers `Trainer`.
 """
 
 import math
@@ -133,8 +133,8 @@ class DiselGateStats:
         Aggregates of `split` per module type, the last component of the layer name (`q_proj`, `down_proj`, `lin0`...).
 
         Returns a dict `module_type -> {"num_layers", "count", "mean", "frac_above", "hist"}` where `count` is the
-        number of gate values (tokens x ranks x layers), `mean` and `frac_above` are floats over all of them and
-        `hist` (`(bins,)`, if recorded) sums the histograms of all layers and ranks.
+        number of gate values (tokens x ranks x layers), `mean` and `frac_above` are floats over all of them and `hist`
+        (`(bins,)`, if recorded) sums the histograms of all layers and ranks.
         """
         out = OrderedDict()
         for name, entry in self.splits[split].items():
@@ -219,17 +219,17 @@ class DiselGateRecorder:
     Records the gate openings `g(x) = sigmoid(W_g x + b_g)` of a DISeL adapter while the model runs.
 
     Use it as a context manager. While recording, a forward hook on every gate of the adapter receives the gate logits
-    that the adapter's forward computed, and the recorder adds `sigmoid(logits)` to running statistics per layer and per
-    rank (count, mean, fraction above `threshold`, histogram on `[0, 1]`). The model outputs are unchanged (the hooks
-    return nothing); the hooked layers call the gate as a module, so they skip DISeL's fused A+gate projection while
-    recording. On exit, also on an exception, all hooks are removed, so the model costs nothing when not recording.
-    Each recorded forward costs a few element-wise ops and reductions per layer; the statistics stay on the device until
-    [`stats`] is called.
+    that the adapter's forward computed, and the recorder adds `sigmoid(logits)` to running statistics per layer and
+    per rank (count, mean, fraction above `threshold`, histogram on `[0, 1]`). The model outputs are unchanged (the
+    hooks return nothing); the hooked layers call the gate as a module, so they skip DISeL's fused A+gate projection
+    while recording. On exit, also on an exception, all hooks are removed, so the model costs nothing when not
+    recording. Each recorded forward costs a few element-wise ops and reductions per layer; the statistics stay on the
+    device until [`stats`] is called.
 
     Only the tokens that the adapter's gate actually sees are recorded: nothing while the adapters are disabled, and
     with mixed-batch inference (`adapter_names=[...]`) only the rows assigned to the adapter. All positions of the
-    input count as tokens, padding included, unless a mask is given with [`set_mask`]. With gradient checkpointing,
-    the recomputed forward is recorded again: counts double, means, fractions and histogram shapes do not change.
+    input count as tokens, padding included, unless a mask is given with [`set_mask`]. With gradient checkpointing, the
+    recomputed forward is recorded again: counts double, means, fractions and histogram shapes do not change.
 
     Example:
 
@@ -351,8 +351,8 @@ class DiselGateRecorder:
         """
         Record only the positions where `mask` is non-zero in the next forward passes (`None`: all positions).
 
-        `mask` must have the leading shape of the layer inputs, e.g. the `(batch, seq_len)` attention mask of a
-        decoder whose LoRA layers see `(batch, seq_len, hidden)` inputs; a layer whose input does not match raises.
+        `mask` must have the leading shape of the layer inputs, e.g. the `(batch, seq_len)` attention mask of a decoder
+        whose LoRA layers see `(batch, seq_len, hidden)` inputs; a layer whose input does not match raises.
         """
         self._mask = None if mask is None else mask.detach() != 0
 
@@ -439,9 +439,9 @@ def plot_disel_gates(
     Plot recorded DISeL gate statistics to a PNG file.
 
     The top row shows one heat map of the mean opening per split (layers x ranks, rows in model order), plus the
-    difference between the first two splits when there are two or more. The rows below show, per module type
-    (`q_proj`, `down_proj`, ...), the distribution of the gate values (all layers and ranks of that type) of each split
-    as a fraction of tokens per bin, when the statistics have histograms.
+    difference between the first two splits when there are two or more. The rows below show, per module type (`q_proj`,
+    `down_proj`, ...), the distribution of the gate values (all layers and ranks of that type) of each split as a
+    fraction of tokens per bin, when the statistics have histograms.
 
     Requires matplotlib (`pip install matplotlib`); it draws without pyplot, with the Agg renderer, and does not change
     matplotlib's global backend.
@@ -553,14 +553,14 @@ class DiselGateCallback(TrainerCallback):
     `disel/frac_open` (fraction above `threshold`) and, with `per_module_type=True`, `disel/mean_gate/<module type>`,
     then starts over. The values also go into `trainer.state.log_history`.
 
-    Cost: per gated layer and training forward, about ten small element-wise ops and reductions, without host sync; hooks are attached and removed once per step, and the values
-    are synced once per gated layer at each logging step only. The small ops weigh most on small models and less
-    as the layers grow. Evaluation passes are not
-    recorded. Under distributed training, each process logs the openings of its own batches.
+    Cost: per gated layer and training forward, about ten small element-wise ops and reductions, without host sync;
+    hooks are attached and removed once per step, and the values are synced once per gated layer at each logging step
+    only. The small ops weigh most on small models and less as the layers grow. Evaluation passes are not recorded.
+    Under distributed training, each process logs the openings of its own batches.
 
-    Callbacks see the logs in order, and transformers runs the `report_to` integrations (TensorBoard, W&B, ...)
-    before the callbacks passed to the `Trainer`. For these integrations to receive the gate values too, put the
-    callback first: `trainer.callback_handler.callbacks.insert(0, DiselGateCallback())`.
+    Callbacks see the logs in order, and transformers runs the `report_to` integrations (TensorBoard, W&B, ...) before
+    the callbacks passed to the `Trainer`. For these integrations to receive the gate values too, put the callback
+    first: `trainer.callback_handler.callbacks.insert(0, DiselGateCallback())`.
 
     Args:
         adapter_name (`str`, *optional*):

@@ -11,17 +11,17 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""DISeL checkpoints in other formats: the paper's standalone `disel` package (github.com/alizindari/DISeL), and the
-first release of this build (disel.1).
+"""DISeL checkpoints in other formats: the paper's standalone `disel` package (github.com/alizindari/DISeL), and the first
+release of this build (disel.1).
 
 A checkpoint of the reference package is converted once, explicitly, into a normal DISeL adapter folder:
 
     python -m peft.tuners.lora.disel_reference REFERENCE_CHECKPOINT NEW_FOLDER
 
-`PeftModel.from_pretrained` on an unconverted one raises an error that prints this command. The adapters of this build's
-first release, whose config has `use_disel: true` plus a `disel_config` dict, load as they are. Both are recognised by
-`PeftConfig.from_peft_type` only when a config has keys its class does not know (`disel_gate_*`, `disel_config`), so no
-code of this module runs for any other adapter.
+`PeftModel.from_pretrained` on an unconverted one raises an error that prints this command. The adapters of this
+build's first release, whose config has `use_disel: true` plus a `disel_config` dict, load as they are. Both are
+recognised by `PeftConfig.from_peft_type` only when a config has keys its class does not know (`disel_gate_*`,
+`disel_config`), so no code of this module runs for any other adapter.
 
 That package trains DISeL on top of an unmodified PEFT: its config is a `LoraConfig` subclass whose
 `adapter_config.json` has `peft_type: "LORA"`, no `use_disel` and five extra top-level keys:
@@ -32,7 +32,7 @@ That package trains DISeL on top of an unmodified PEFT: its config is a `LoraCon
 and each gated LoRA layer holds a `lora_disel_gate` `ModuleDict` (named `disel_gate` in its earliest version) with, per
 adapter, either a full gate or a bottleneck gate:
 
-    full:       linear.weight (r, d_in), linear.bias (r,)
+    full: linear.weight (r, d_in), linear.bias (r,)
                 logits = s * (linear.weight @ x + linear.bias)
     bottleneck: proj_down.weight (k, d_in), proj_up.weight (r, k), proj_up.bias (r,)
                 logits = s * (proj_up.weight @ proj_down.weight @ x + proj_up.bias)
@@ -42,8 +42,7 @@ non-persistent buffer, never saved). Only layers with a `lora_A` (linear layers)
 stay plain, ungated LoRA. The gates are saved by `save_pretrained` in `adapter_model.safetensors` (keys without the
 adapter name, e.g. `base_model.model.<module>.lora_disel_gate.linear.weight`), or in a separate
 `gate_weights.safetensors` or legacy `gate_weights.pt` next to it, whose keys are the model's parameter names, with the
-adapter name (e.g.
-`base_model.model.<module>.lora_disel_gate.default.linear.weight`).
+adapter name (e.g. `base_model.model.<module>.lora_disel_gate.default.linear.weight`).
 
 In this implementation `logits = norm * W x + b` (`norm * U (V x) + b` for a bottleneck gate), with the same `norm`, so
 the weights map as they are and the bias is multiplied by `s`.
@@ -138,9 +137,10 @@ def convert_reference_disel_config(config_dict: dict) -> dict:
     Convert a reference DISeL config dict into keyword arguments of this implementation's `LoraConfig`.
 
     The `disel_gate_*` keys are removed and replaced by `use_disel`, with the gate options of [`DiselConfig`]:
-    `gate_bias_init`, `gate_weight_init`, `gate_normalize` and `gate_bottleneck_dim` (the reference's defaults fill
-    missing keys). All other keys are kept. `disel_gate_lr_multiplier` has no counterpart in the config
-    (see [`get_reference_gate_lr_ratio`]).
+    `gate_bias_init`, `gate_normalize` and `gate_bottleneck_dim` (the reference's defaults fill missing keys). All
+    other keys are kept. `disel_gate_lr_multiplier` has no counterpart in the config (see
+    [`get_reference_gate_lr_ratio`]), and `disel_gate_weight_init` is dropped: it only initialized the gates, whose
+    trained weights the checkpoint holds.
 
     Two differences are translated rather than copied:
 
@@ -186,9 +186,9 @@ def convert_reference_disel_config(config_dict: dict) -> dict:
             bottleneck = None
 
     converted = {key: value for key, value in config_dict.items() if key not in REFERENCE_CONFIG_KEYS}
+    # `disel_gate_weight_init` only initialized the gates, whose trained weights the checkpoint holds
     converted["use_disel"] = {
         "gate_bias_init": values["disel_gate_bias_init"],
-        "gate_weight_init": values["disel_gate_weight_init"],
         "gate_normalize": values["disel_gate_normalize"],
         "gate_bottleneck_dim": bottleneck,
     }
@@ -344,8 +344,8 @@ def convert_reference_disel_state_dict(
       reference scales the whole logit `(W x + b) / sqrt(d_in)` and this implementation only the input term.
 
     A LoRA embedding layer (`lora_embedding_A`) without a gate, which the reference leaves ungated, gets an always-open
-    gate (zero weights, bias `OPEN_GATE_LOGIT`, so `sigmoid` is exactly 1): it computes the same plain LoRA update.
-    All other keys are returned unchanged, keys already in this implementation's format included.
+    gate (zero weights, bias `OPEN_GATE_LOGIT`, so `sigmoid` is exactly 1): it computes the same plain LoRA update. All
+    other keys are returned unchanged, keys already in this implementation's format included.
 
     Args:
         state_dict (`dict`):
@@ -495,8 +495,66 @@ def upgrade_config_kwargs(kwargs: dict) -> dict:
     kwargs = dict(kwargs)
     options = kwargs.pop("disel_config", None)
     if options is not None and kwargs.get("use_disel") is True:
-        kwargs["use_disel"] = options
+        kwargs["use_disel"] = upgrade_disel_options(options)
     return kwargs
+
+
+# options of earlier releases of this build that only initialized the gates: their trained values are in the weights
+REMOVED_OPTIONS = ("gate_weight_init",)
+
+
+def upgrade_disel_options(options: dict) -> dict:
+    """
+    The `use_disel` dict of an adapter saved by an earlier release of this build (disel.1 or disel.2), for this one:
+    `gate_weight_init` is dropped without a warning, as it only initialized the gates, whose trained weights the
+    adapter holds. `LoraConfig` calls this only for a `use_disel` dict, that is for DISeL adapters.
+
+    Args:
+        options (`dict`):
+            The saved `use_disel` options; they are not modified.
+
+    Returns:
+        `dict`: The options without the removed ones.
+    """
+    return {key: value for key, value in options.items() if key not in REMOVED_OPTIONS}
+
+
+def release_1_hint(kwargs: dict) -> Optional[str]:
+    """
+    What to write instead, for code written for an earlier release of this build, e.g. `LoraConfig(use_disel=True,
+    disel_config=DiselConfig(...))` or `DiselConfig(gate_lr_ratio=2.0)`.
+
+    Args:
+        kwargs (`dict`):
+            The keyword arguments that were passed.
+
+    Returns:
+        `str`: The hint, or `None` if none of the old arguments was passed.
+    """
+    options = kwargs.get("disel_config")
+    if options is not None:
+        shown = dict(vars(options) if not isinstance(options, dict) else options)
+        ratio = shown.pop("gate_lr_ratio", None)
+        shown = upgrade_disel_options(shown)
+        args = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        hint = (
+            f", and the gate learning rate goes to create_disel_optimizer(..., gate_lr_ratio={ratio})" if ratio else ""
+        )
+        return (
+            "`LoraConfig(disel_config=...)` is the form of this build's first release (disel.1). The options now go "
+            f"into `use_disel`: write `LoraConfig(use_disel=DiselConfig({args}))`{hint}."
+        )
+    if "gate_lr_ratio" in kwargs:
+        return (
+            "`gate_lr_ratio` is no `DiselConfig` option since release disel.2: it is an argument of the optimizer, "
+            f"`create_disel_optimizer(model, torch.optim.AdamW, lr=..., gate_lr_ratio={kwargs['gate_lr_ratio']!r})`."
+        )
+    if "gate_weight_init" in kwargs:
+        return (
+            "`gate_weight_init` is no `DiselConfig` option since release disel.3: it was an ablation (zero gate "
+            "weights); the gates start with `nn.Linear`'s initialization. Remove the argument."
+        )
+    return None
 
 
 def convert_reference_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> dict:
