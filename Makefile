@@ -156,15 +156,19 @@ bench-vllm: install install-vllm
 known-failures: install
 	$(PY) tooling/run_tests.py known-failures
 
-# our tooling with ruff.toml (vllm_disel/ through its pyproject.toml, which extends it); every .py file that the
-# series adds or changes, in build/peft with upstream's configuration
+# our tooling with ruff.toml (vllm_disel/ through its pyproject.toml, which extends it); every file that the series
+# adds or changes, in build/peft with upstream's configuration; then upstream's own quality checks (ruff check, ruff
+# format --check, doc-builder style --max_len 119) on each pull request's tree, on the files it adds or changes
 UPSTREAM_PY = $$(git diff --name-only --diff-filter=AM $$(git tag -l 'upstream-*') -- '*.py')
-quality: install
+UPSTREAM_STYLED = $$(git diff --name-only --diff-filter=AM $$(git tag -l 'upstream-*') -- 'src/*.py' 'tests/*.py')
+quality: install pr
 	$(VENV)/bin/ruff check tooling bench demo setup.py $(wildcard integration)
 	$(VENV)/bin/ruff format --check tooling bench demo setup.py $(wildcard integration)
 	cd vllm_disel && ../$(VENV)/bin/ruff check . && ../$(VENV)/bin/ruff format --check .
 	cd build/peft && ../../$(VENV)/bin/ruff check $(UPSTREAM_PY)
 	cd build/peft && ../../$(VENV)/bin/ruff format --check $(UPSTREAM_PY)
+	cd build/peft && ../../$(VENV)/bin/doc-builder style $(UPSTREAM_STYLED) --max_len 119 --check_only
+	$(PY) tooling/run_tests.py pr-quality
 
 # --- packaging and the upstream PR -------------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@
 with `python -m peft.tuners.lora.disel_reference`, and the first release of this build (disel.1).
 
 The fixtures are written here from that package's documented format (see `disel_reference.py`), and the expected
-outputs are computed directly from the fixture tensors with the reference's math: per linear layer
-`base(x) + scaling * B(sigmoid(s * (W_g x + b_g)) * A x)` (`W_g = U V` for a bottleneck gate, `s = 1/sqrt(d_in)` with
+outputs are computed directly from the fixture tensors with the reference's math: per linear layer `base(x) + scaling *
+B(sigmoid(s * (W_g x + b_g)) * A x)` (`W_g = U V` for a bottleneck gate, `s = 1/sqrt(d_in)` with
 `disel_gate_normalize`), and plain, ungated LoRA on embedding layers.
 """
 
@@ -272,14 +272,24 @@ def test_adapters_of_earlier_releases_load_exactly(tmp_path, options, release):
 def test_a_plain_lora_adapter_loads_without_any_disel_code(tmp_path):
     # a file named like a reference gate file is left alone, and the conversion module is never imported
     base = "torch.manual_seed(0); base = torch.nn.Sequential(torch.nn.Linear(12, 10))"
-    save = f"""import torch; from peft import LoraConfig, get_peft_model; {base}
-get_peft_model(base, LoraConfig(target_modules=["0"], init_lora_weights=False)).save_pretrained({str(tmp_path)!r})"""
+    save = "\n".join(
+        [
+            f"import torch; from peft import LoraConfig, get_peft_model; {base}",
+            'config = LoraConfig(target_modules=["0"], init_lora_weights=False)',
+            f"get_peft_model(base, config).save_pretrained({str(tmp_path)!r})",
+        ]
+    )
     subprocess.run([sys.executable, "-c", save], check=True)
     clash = {"base_model.model.0.lora_A.weight": torch.zeros(8, 12)}
     safe_save_file(clash, str(tmp_path / "gate_weights.safetensors"))
-    load = f"""import sys, torch; from peft import PeftModel; {base}
-model = PeftModel.from_pretrained(base, {str(tmp_path)!r})
-print(float(model.base_model.model[0].lora_A["default"].weight.abs().sum()), "disel_reference" in str(sys.modules))"""
+    load = "\n".join(
+        [
+            f"import sys, torch; from peft import PeftModel; {base}",
+            f"model = PeftModel.from_pretrained(base, {str(tmp_path)!r})",
+            'print(float(model.base_model.model[0].lora_A["default"].weight.abs().sum()),',
+            '      "disel_reference" in str(sys.modules))',
+        ]
+    )
     out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, check=True).stdout.split()
     assert float(out[0]) > 0 and out[1] == "False"  # the saved lora_A, not the file's zeros
 

@@ -319,17 +319,25 @@ def cmd_patches(_args=None):
     log(f"wrote {len(patches)} topic patches to patches/ and {len(files)} files of ours")
 
 
+def stacks():
+    """{topic: (its fields, the topics its pull request applies first: those it depends on and theirs, in series
+    order)} for every topic of the series."""
+    known = {}
+    for _, f in topics():
+        below = []
+        for dep in f.get("Depends", "").split():
+            below += [t for t in known[dep][1] + [dep] if t not in below]
+        known[f["Topic"]] = (f, sorted(below, key=list(known).index))
+    return known
+
+
 def pull_requests(repo):
     """One branch `pr/<topic>` of `repo` per upstream-bound topic: the pristine sdist, the topics it depends on (and
     theirs), and the topic itself, cherry-picked. Returns [(number, topic, its fields, the topics below it)]."""
     commits = git(repo, "rev-list", "--reverse", f"{pin()['TAG']}..HEAD").stdout.split()
     known, fork_only, prs = {}, set(), []
-    for commit, (patch, f) in zip(commits, topics(), strict=True):
-        below = []
-        for dep in f.get("Depends", "").split():
-            below += [t for t in known[dep][1] + [dep] if t not in below]
-        below.sort(key=list(known).index)  # in series order, as `git am` of the pull requests applies them
-        known[f["Topic"]] = (commit, below)
+    for commit, (patch, _), (topic, (f, below)) in zip(commits, topics(), stacks().items(), strict=True):
+        known[topic] = (commit, below)
         if f.get("Forwarded") == "not-needed":
             fork_only.add(f["Topic"])
             continue

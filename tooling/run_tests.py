@@ -5,7 +5,9 @@ test     [pytest args]  `make test`: our tests and the upstream test files we ru
                         upstream files on the pristine sdist; the patched tree may fail nothing that pristine passes
 patched  [pytest args]  the patched tree only, upstream's known failures (upstream-known-failures.txt) xfailed
 prs      [pytest args]  each pull request of dist/pr/ applied with `git am` to the pristine sdist after the ones it
-                        depends on: peft imports, and the test files it adds or changes pass
+                        depends on: peft imports, upstream's quality checks pass on its files, and the test files it
+                        adds or changes pass
+pr-quality              the same without the tests (`make quality`)
 known-failures          rewrite tooling/upstream-known-failures.txt from a pristine run
 """
 
@@ -16,6 +18,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import peftpatch
 from pytest_offline import known_failures, normalise_id
 
 
@@ -72,7 +75,7 @@ def outcomes(junit):
 
 
 def prepare_pristine():
-    subprocess.run([sys.executable, str(ROOT / "tooling" / "peftpatch.py"), "pristine", str(PRISTINE)], check=True)
+    peftpatch.extract(PRISTINE)
 
 
 def main():
@@ -88,7 +91,9 @@ def main():
         write_known_failures(out / "pristine.xml")
         return
     if mode == "prs":
-        sys.exit(test_pull_requests(extra))
+        sys.exit(check_pull_requests(extra))
+    if mode == "pr-quality":
+        sys.exit(check_pull_requests(extra, run_tests=False))
     if mode != "test":
         sys.exit(__doc__)
     # `make test`: everything on the patched tree and upstream's files on the pristine tree, raw outcomes both times
@@ -98,36 +103,67 @@ def main():
     sys.exit(regression_rule(outcomes(out / "patched.xml"), outcomes(out / "pristine.xml")))
 
 
-def test_pull_requests(extra):
-    folders = {p.name: p for p in (ROOT / "dist" / "pr").iterdir()}
+def pull_request_trees():
+    """Each pull request of dist/pr/ (`make pr`) applied with `git am` to the pristine sdist after the pull requests it
+    depends on (the `Depends:` fields of the topics), in build/pr-test/<n>-<topic>/. Yields (name, tree, whether it
+    applied, the files it adds or changes)."""
+    folders = {p.name.split("-", 1)[1]: p for p in (ROOT / "dist" / "pr").iterdir()}
+    for topic, folder in sorted(folders.items(), key=lambda item: int(item[1].name.split("-")[0])):
+        below = peftpatch.stacks()[topic][1]
+        patches = [p for t in below + [topic] for p in sorted(folders[t].glob("0*.patch"))]
+        tree = ROOT / "build" / "pr-test" / folder.name
+        peftpatch.extract(tree)
+        git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-C", str(tree)]
+        for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "pristine"]):
+            subprocess.run(git + args, check=True)
+        applied = subprocess.run([*git, "am", "-q", "-3", *map(str, patches)], check=False).returncode == 0
+        own = sorted(folders[topic].glob("0*.patch"))
+        files = {
+            line.split(" b/")[-1] for p in own for line in p.read_text().splitlines() if line.startswith("diff --")
+        }
+        yield folder.name, tree, applied, sorted(files)
+
+
+def quality(tree, files):
+    """Upstream's `make quality` (ruff check, ruff format --check, doc-builder style) on the files a pull request adds
+    or changes, with the tree's own configuration. Returns the names of the checks that failed."""
+    py = [f for f in files if f.endswith(".py")]
+    styled = [f for f in files if f.endswith(".py") and f.startswith(("src/peft/", "tests/"))]
+    bin_dir = PY.parent
+    checks = {
+        "ruff check": (py, [bin_dir / "ruff", "check", "-q"]),
+        "ruff format": (py, [bin_dir / "ruff", "format", "--check", "-q"]),
+        "doc-builder style": (styled, [bin_dir / "doc-builder", "style", "--max_len", "119", "--check_only"]),
+    }
+    failed = []
+    for name, (paths, cmd) in checks.items():
+        if paths and subprocess.run(list(map(str, cmd + paths)), cwd=tree, check=False).returncode != 0:
+            failed.append(name)
+    return failed
+
+
+def check_pull_requests(extra, run_tests=True):
+    """`make test-prs` (run_tests=True) and `make quality`: each pull request applies, imports, passes upstream's
+    quality checks on its files and (`make test-prs`) the test files it adds or changes."""
     failed = 0
-    for name in sorted(folders, key=lambda n: int(n.split("-")[0])):
-        needs = (folders[name] / "PR_DESCRIPTION.md").read_text().split("Depends on: ", 1)[1].split(".\n")[0]
-        patches = [p for dep in needs.split(", ") if dep in folders for p in sorted(folders[dep].glob("0*.patch"))]
-        own = sorted(folders[name].glob("0*.patch"))
-        tree = ROOT / "build" / "pr-test" / name
-        subprocess.run([sys.executable, str(ROOT / "tooling" / "peftpatch.py"), "pristine", str(tree)], check=True)
-        git = f"git -c user.name=t -c user.email=t@localhost -C {tree}"
-        subprocess.run(f"{git} init -q && {git} add -A && {git} commit -qm pristine", shell=True, check=True)
-        applied = (
-            subprocess.run([*git.split(), "am", "-q", "-3", *map(str, patches + own)], check=False).returncode == 0
-        )
+    for name, tree, applied, files in pull_request_trees():
         env = {**os.environ, "PYTHONPATH": str(tree / "src")}
         run = subprocess.run([str(PY), "-c", "import peft"], env=env, cwd=tree, check=False) if applied else None
         imports = run is not None and run.returncode == 0
-        diffs = [
-            line.split(" b/")[-1] for p in own for line in p.read_text().splitlines() if line.startswith("diff --")
-        ]
-        files = sorted({f for f in diffs if f.startswith("tests/test_") and f != "tests/test_gpu_examples.py"})
-        start, junit = time.time(), tree / "results.xml"
-        rc = pytest(tree, files, junit, extra, [str(tree / "src")]) if imports else 1
-        seen = list(outcomes(junit).values()) if imports else []
-        counts = {o: seen.count(o) for o in ("passed", "failed", "skipped", "xfailed")}
+        bad = quality(tree, files) if applied else ["not applied"]
+        counts, rc, start = {}, 0, time.time()
+        if run_tests:
+            tests = sorted({f for f in files if f.startswith("tests/test_") and f != "tests/test_gpu_examples.py"})
+            junit = tree / "results.xml"
+            rc = pytest(tree, tests, junit, extra, [str(tree / "src")]) if imports else 1
+            seen = list(outcomes(junit).values()) if imports else []
+            counts = {o: seen.count(o) for o in ("passed", "failed", "skipped", "xfailed")}
         print(
-            f"PR {name}: applies {applied}, imports {imports}, {files}: {counts}, {time.time() - start:.0f} s",
+            f"PR {name}: applies {applied}, imports {imports}, quality {'failed: ' + ', '.join(bad) if bad else 'ok'}"
+            + (f", tests {counts}, {time.time() - start:.0f} s" if run_tests else ""),
             flush=True,
         )
-        failed += rc != 0
+        failed += rc != 0 or bool(bad) or not imports
     return 1 if failed else 0
 
 
