@@ -38,6 +38,15 @@ STAMPED = {"src/peft/__init__.py": '__version__ = "{v}"', "setup.py": 'VERSION =
 FORMAT_PATCH = ["format-patch", "--always", "--zero-commit", "--no-signature", "--no-numbered", "--full-index"]
 FIELDS = ("Topic", "Depends", "Forwarded", "Files")
 BUILT_REF = "refs/peftpatch/built"
+# The pages as the whole series leaves them (src/, docs/ and examples/ hold the first topic's copy of each new file,
+# which the later topics change): copies for the readers of this repository, written by `patches`, checked by `check`.
+ASSEMBLED = {
+    "docs/source/package_reference/lora_variant_disel.md": "docs-fork/lora_variant_disel.md",
+    "examples/disel_finetuning/README.md": "docs-fork/disel_finetuning.md",
+}
+ASSEMBLED_NOTE = (
+    "<!-- Written by `make patches` from build/peft/{src}: the page as the whole patch series leaves it. -->\n"
+)
 GIT_ID = ["-c", "user.name=peftpatch", "-c", "user.email=peftpatch@localhost", "-c", "commit.gpgsign=false"]
 
 
@@ -316,6 +325,9 @@ def cmd_patches(_args=None):
         (ROOT / rel).write_bytes(data)
     topics()
     git(TREE, "update-ref", BUILT_REF, "HEAD")
+    for src, dst in ASSEMBLED.items():
+        (ROOT / dst).parent.mkdir(parents=True, exist_ok=True)
+        (ROOT / dst).write_text(ASSEMBLED_NOTE.format(src=src) + (TREE / src).read_text())
     log(f"wrote {len(patches)} topic patches to patches/ and {len(files)} files of ours")
 
 
@@ -389,6 +401,10 @@ def cmd_check(_args=None):
             problems.append("build/peft has uncommitted edits: commit them to their topic, then `make patches`")
         elif not in_sync():
             problems.append("patches/ or our files are out of sync with build/peft: `make patches` (or `make tree`)")
+        for src, dst in ASSEMBLED.items():
+            page = ASSEMBLED_NOTE.format(src=src) + (TREE / src).read_text()
+            if not (ROOT / dst).is_file() or (ROOT / dst).read_text() != page:
+                problems.append(f"{dst} is not build/peft's {src}: `make patches`")
     if problems:
         raise BuildError("check failed:\n  " + "\n  ".join(problems))
     log(f"check passed: {len(series())} topics apply to peft {pin()['PEFT_VERSION']}; {len(prs)} pull requests apply")
