@@ -12,9 +12,9 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Tests of DISeL checkpoints in other formats: the reference `disel` package (github.com/alizindari/DISeL), converted
-with `python -m peft.tuners.lora.disel_reference`, and the first release of this build (disel.1).
+with `python -m peft.tuners.lora.disel_checkpoints`, and the first release of this build (disel.1).
 
-The fixtures are written here from that package's documented format (see `disel_reference.py`), and the expected
+The fixtures are written here from that package's documented format (see `disel_checkpoints.py`), and the expected
 outputs are computed directly from the fixture tensors with the reference's math: per linear layer `base(x) + scaling *
 B(sigmoid(s * (W_g x + b_g)) * A x)` (`W_g = U V` for a bottleneck gate, `s = 1/sqrt(d_in)` with
 `disel_gate_normalize`), and plain, ungated LoRA on embedding layers.
@@ -36,7 +36,7 @@ from safetensors.torch import save_file as safe_save_file
 from torch import nn
 
 from peft import DiselConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
-from peft.tuners.lora import disel_reference
+from peft.tuners.lora import disel_checkpoints
 
 
 NUM_EMBEDDINGS, DIM, HIDDEN, OUT = 16, 12, 10, 6
@@ -162,7 +162,7 @@ def reference_forward(base, layers, ids, normalize):
 
 def load_converted(src, dst):
     """Convert with the command-line entry point, then load with plain `PeftModel.from_pretrained`."""
-    assert disel_reference.main([str(src), str(dst)]) == 0
+    assert disel_checkpoints.main([str(src), str(dst)]) == 0
     model = PeftModel.from_pretrained(make_base(), str(dst)).eval()
     return model, model.peft_config["default"]
 
@@ -222,17 +222,18 @@ def test_unconverted_reference_checkpoint_gives_the_conversion_command(tmp_path)
         lambda: PeftConfig.from_pretrained(str(tmp_path)),
         lambda: LoraConfig.from_pretrained(str(tmp_path)),
     ):
-        with pytest.raises(ValueError, match=r"python -m peft\.tuners\.lora\.disel_reference <reference checkpoint"):
+        with pytest.raises(ValueError, match=r"python -m peft\.tuners\.lora\.disel_checkpoints <reference checkpoint"):
             load()
 
 
-def test_command_line(tmp_path):
+@pytest.mark.parametrize("module", ["disel_checkpoints", "disel_reference"])  # the command of the first releases too
+def test_command_line(tmp_path, module):
     layers = make_reference_tensors(bottleneck=2)
     config = reference_config_dict(bottleneck=2, normalize=True)
     config["disel_gate_lr_multiplier"] = 3.0
     write_reference_checkpoint(tmp_path / "ref", layers, config, layout="safetensors")
     (tmp_path / "ref" / "README.md").write_text("my adapter")
-    cmd = [sys.executable, "-m", "peft.tuners.lora.disel_reference", str(tmp_path / "ref"), str(tmp_path / "new")]
+    cmd = [sys.executable, "-m", f"peft.tuners.lora.{module}", str(tmp_path / "ref"), str(tmp_path / "new")]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "gate_lr_ratio=3" in out
     assert sorted(os.listdir(tmp_path / "new")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
@@ -242,7 +243,7 @@ def test_command_line(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), reference_forward(make_base(), layers, IDS, True), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not empty"):  # nothing is overwritten
-        disel_reference.main([str(tmp_path / "ref"), str(tmp_path / "new")])
+        disel_checkpoints.main([str(tmp_path / "ref"), str(tmp_path / "new")])
 
 
 @pytest.mark.parametrize("release", ["disel.1", "disel.2"])
@@ -287,7 +288,7 @@ def test_a_plain_lora_adapter_loads_without_any_disel_code(tmp_path):
             f"import sys, torch; from peft import PeftModel; {base}",
             f"model = PeftModel.from_pretrained(base, {str(tmp_path)!r})",
             'print(float(model.base_model.model[0].lora_A["default"].weight.abs().sum()),',
-            '      "disel_reference" in str(sys.modules))',
+            '      "disel_checkpoints" in str(sys.modules))',
         ]
     )
     out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, check=True).stdout.split()
@@ -297,30 +298,30 @@ def test_a_plain_lora_adapter_loads_without_any_disel_code(tmp_path):
 def test_config_detection_and_conversion():
     ref = reference_config_dict(bottleneck=2, normalize=True)
     ref["disel_gate_lr_multiplier"] = 3.0
-    assert disel_reference.is_reference_disel_config(ref)
-    converted = disel_reference.convert_reference_disel_config(ref)
-    assert not set(disel_reference.REFERENCE_CONFIG_KEYS) & set(converted)
+    assert disel_checkpoints.is_reference_disel_config(ref)
+    converted = disel_checkpoints.convert_reference_disel_config(ref)
+    assert not set(disel_checkpoints.REFERENCE_CONFIG_KEYS) & set(converted)
     assert converted["use_disel"] == {
         "gate_bias_init": -3.0,
         "gate_normalize": True,
         "gate_bottleneck_dim": 2,
     }
     assert ref["disel_gate_lr_multiplier"] == 3.0  # the input is left alone
-    assert disel_reference.get_reference_gate_lr_ratio(ref) == 3.0
-    assert disel_reference.get_reference_gate_lr_ratio({"peft_type": "LORA"}) == 5.0
+    assert disel_checkpoints.get_reference_gate_lr_ratio(ref) == 3.0
+    assert disel_checkpoints.get_reference_gate_lr_ratio({"peft_type": "LORA"}) == 5.0
 
     # our own configs and other methods are no reference configs
     ours = LoraConfig(r=4, use_disel=True).to_dict()
-    assert not disel_reference.is_reference_disel_config(ours)
-    assert not disel_reference.is_reference_disel_config({"peft_type": "LORA", "r": 8})
-    assert not disel_reference.is_reference_disel_config({"peft_type": "IA3", "disel_gate_normalize": True})
+    assert not disel_checkpoints.is_reference_disel_config(ours)
+    assert not disel_checkpoints.is_reference_disel_config({"peft_type": "LORA", "r": 8})
+    assert not disel_checkpoints.is_reference_disel_config({"peft_type": "IA3", "disel_gate_normalize": True})
     with pytest.raises(ValueError, match="Not a DISeL config"):
-        disel_reference.convert_reference_disel_config(ours)
+        disel_checkpoints.convert_reference_disel_config(ours)
     with pytest.raises(ValueError, match="both"):
-        disel_reference.convert_reference_disel_config({**ref, "use_disel": True})
+        disel_checkpoints.convert_reference_disel_config({**ref, "use_disel": True})
 
     # missing reference keys take the reference's defaults
-    partial = disel_reference.convert_reference_disel_config({"peft_type": "LORA", "disel_gate_normalize": True})
+    partial = disel_checkpoints.convert_reference_disel_config({"peft_type": "LORA", "disel_gate_normalize": True})
     assert partial["use_disel"] == {
         "gate_bias_init": -3.0,
         "gate_normalize": True,
@@ -338,7 +339,7 @@ def test_state_dict_conversion_keys_and_values():
         "base_model.model.a.lora_disel_gate.linear.bias": bias,
         "base_model.model.b.lora_disel_gate.weight": weight,  # already our format: unchanged
     }
-    converted = disel_reference.convert_reference_disel_state_dict(state_dict, gate_normalize=True)
+    converted = disel_checkpoints.convert_reference_disel_state_dict(state_dict, gate_normalize=True)
     assert set(converted) == {
         "base_model.model.a.lora_A.weight",
         "base_model.model.a.lora_disel_gate.weight",
@@ -349,7 +350,7 @@ def test_state_dict_conversion_keys_and_values():
     assert torch.equal(converted["base_model.model.a.lora_disel_gate.weight"], weight)
     torch.testing.assert_close(converted["base_model.model.a.lora_disel_gate.bias"], bias / 3.0)
     assert len(state_dict) == 4 and "base_model.model.a.lora_disel_gate.linear.weight" in state_dict
-    assert not disel_reference.is_reference_disel_state_dict(converted)
+    assert not disel_checkpoints.is_reference_disel_state_dict(converted)
 
 
 @pytest.mark.parametrize(
@@ -378,29 +379,29 @@ def test_state_dict_conversion_keys_and_values():
 )
 def test_state_dict_conversion_errors(state_dict, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        disel_reference.convert_reference_disel_state_dict(state_dict, **kwargs)
+        disel_checkpoints.convert_reference_disel_state_dict(state_dict, **kwargs)
 
 
 def test_gate_files(tmp_path):
-    assert disel_reference.find_reference_gate_files(tmp_path) == []
+    assert disel_checkpoints.find_reference_gate_files(tmp_path) == []
     gates = {"base_model.model.lin0.lora_disel_gate.default.linear.bias": torch.arange(3.0)}
     torch.save(gates, tmp_path / "gate_weights.pt")
     safe_save_file(gates, str(tmp_path / "gate_weights.safetensors"))
-    found = disel_reference.find_reference_gate_files(tmp_path)
+    found = disel_checkpoints.find_reference_gate_files(tmp_path)
     assert found == [str(tmp_path / "gate_weights.safetensors"), str(tmp_path / "gate_weights.pt")]
     for path in found:
-        loaded = disel_reference.load_reference_gate_file(path)
+        loaded = disel_checkpoints.load_reference_gate_file(path)
         assert loaded.keys() == gates.keys() and torch.equal(*loaded.values(), *gates.values())
 
     # the adapter's own gates take precedence, as in the reference; otherwise the first gate file is merged
     own = {"base_model.model.lin0.lora_disel_gate.linear.bias": torch.ones(3)}
-    assert disel_reference.merge_reference_gate_files(own, tmp_path) == own
-    assert disel_reference.merge_reference_gate_files({}, tmp_path).keys() == gates.keys()
+    assert disel_checkpoints.merge_reference_gate_files(own, tmp_path) == own
+    assert disel_checkpoints.merge_reference_gate_files({}, tmp_path).keys() == gates.keys()
     clash_dir = tmp_path / "clash"
     clash_dir.mkdir()
     safe_save_file({**gates, "x.lora_A.weight": torch.ones(1)}, str(clash_dir / "gate_weights.safetensors"))
     with pytest.raises(ValueError, match="too"):
-        disel_reference.merge_reference_gate_files({"x.lora_A.weight": torch.zeros(1)}, clash_dir)
+        disel_checkpoints.merge_reference_gate_files({"x.lora_A.weight": torch.zeros(1)}, clash_dir)
 
 
 def test_legacy_pt_is_loaded_without_unpickling_objects(tmp_path):
@@ -408,10 +409,10 @@ def test_legacy_pt_is_loaded_without_unpickling_objects(tmp_path):
     path = tmp_path / "gate_weights.pt"
     torch.save({"gate": torch.ones(1), "obj": warnings.WarningMessage("m", UserWarning, "f", 1)}, path)
     with pytest.raises(pickle.UnpicklingError):
-        disel_reference.load_reference_gate_file(path)
+        disel_checkpoints.load_reference_gate_file(path)
     torch.save({"gate": torch.ones(1), "step": 3}, path)
     with pytest.raises(ValueError, match="flat mapping"):
-        disel_reference.load_reference_gate_file(path)
+        disel_checkpoints.load_reference_gate_file(path)
 
 
 @pytest.mark.parametrize(
