@@ -28,7 +28,7 @@ PRISTINE = ROOT / "build" / "pristine"
 PY = ROOT / ".venv" / "bin" / "python"
 # Upstream test files that run in full on both trees: every test file we patch, plus the LoRA files our code touches.
 UPSTREAM_FILES = ["tests/test_custom_models.py", "tests/test_lora_variants.py", "tests/test_config.py"]
-UPSTREAM_FILES += ["tests/test_initialization.py"]
+UPSTREAM_FILES += ["tests/test_initialization.py", "tests/test_arrow.py"]
 
 
 def our_test_files():
