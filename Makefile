@@ -160,8 +160,8 @@ known-failures: install
 # series adds or changes, in build/peft with upstream's configuration
 UPSTREAM_PY = $$(git diff --name-only --diff-filter=AM $$(git tag -l 'upstream-*') -- '*.py')
 quality: install
-	$(VENV)/bin/ruff check tooling bench demo setup.py $(wildcard integration)
-	$(VENV)/bin/ruff format --check tooling bench demo setup.py $(wildcard integration)
+	$(VENV)/bin/ruff check tooling bench demo setup.py integration testing_support
+	$(VENV)/bin/ruff format --check tooling bench demo setup.py integration testing_support
 	cd vllm_disel && ../$(VENV)/bin/ruff check . && ../$(VENV)/bin/ruff format --check .
 	cd build/peft && ../../$(VENV)/bin/ruff check $(UPSTREAM_PY)
 	cd build/peft && ../../$(VENV)/bin/ruff format --check $(UPSTREAM_PY)

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing_support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import disel_config, make_base_model
+from disel_integration_utils import disel_config
+from disel_testing import make_base_model
 
 from peft import PeftModel, get_peft_model
 from peft.optimizers import create_disel_optimizer

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing_support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import make_base_model
+from disel_testing import adapter_tensors, gate_tensors, make_base_model
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.import_utils import is_bnb_available
@@ -197,7 +198,7 @@ class TestDiselQuantized:
         model = self.get_disel_model(model_dir, quant, keep_layout=True, init_lora_weights=False)
         before = self.eval_logits(model)
         grads = self.first_step_grads(model)
-        assert grads.keys() == reference.keys() and len(grads) == 6 * 4  # A, B, gate weight and bias
+        assert grads.keys() == reference.keys() and len(grads) == adapter_tensors(modules=3)
         assert all(torch.equal(grads[n], reference[n]) for n in grads)
 
         self.train_steps(model)
@@ -253,7 +254,7 @@ class TestDiselQuantized:
         model = self.get_disel_model(model_dir, "4bit-nf4-fp32", init_lora_weights=False)
         assert model.base_model.model.is_gradient_checkpointing
         grads = [g for n, g in self.first_step_grads(model).items() if "lora_disel_gate" in n]
-        assert len(grads) == 12
+        assert len(grads) == gate_tensors(modules=3)
         assert all(g.abs().sum() > 0 for g in grads)
 
 

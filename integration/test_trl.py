@@ -13,17 +13,11 @@ import pytest
 import torch
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing_support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import (
-    GATE,
-    DiselOptimizerMixin,
-    disel_config,
-    gate_state,
-    make_base_model,
-    make_tokenizer,
-    probe_ids,
-)
+from disel_integration_utils import DiselOptimizerMixin, disel_config, gate_state, probe_ids
+from disel_testing import GATE, make_base_model, make_tokenizer
 
 
 trl = pytest.importorskip("trl")

@@ -12,7 +12,11 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "testing_support"))
 sys.path.insert(0, str(HERE))
+
+from disel_testing import launch_env  # noqa: E402
+
 
 # vLLM on the CPU: a small KV cache; offline
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -48,7 +52,7 @@ def main_python() -> Path:
 def run_main_python(args: list[str], timeout: int) -> None:
     proc = subprocess.run(
         [str(main_python()), *args],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=launch_env(hide_gpus=False),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -32,9 +32,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT / "integration"))
+sys.path.insert(0, str(ROOT / "testing_support"))
 
-from disel_integration_utils import llama_config, make_tokenizer  # noqa: E402
+from disel_testing import llama_config, make_tokenizer  # noqa: E402
 
 
 NEW_TOKENS = 8
