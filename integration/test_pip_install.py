@@ -10,6 +10,7 @@ It needs the package index (torch, peft's dependencies and the peft sdist); pip'
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,16 @@ sys.path.insert(0, str(ROOT / "testing_support"))
 from disel_testing import gate_tensors  # noqa: E402
 
 
-TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+def torch_pin() -> str:
+    """The Makefile's torch pin (TORCH_PIN), the one place it is spelled."""
+    found = re.search(r"^TORCH_PIN := (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert found, "the Makefile no longer sets TORCH_PIN"
+    return found.group(1)
+
+
+# `make TORCH_SPEC=...` passes its own build (the Makefile's variables given on the command line are in the
+# environment)
+TORCH_SPEC = os.environ.get("TORCH_SPEC") or torch_pin()
 
 # runs inside the fresh venv: one DISeL step on a tiny Llama (its shape from the clone's testing_support/), save, load
 # with PeftModel.from_pretrained, compare
