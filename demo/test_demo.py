@@ -32,9 +32,8 @@ import torch
 
 # the repository's demo/ (the modules under test) and testing_support/ (the tiny Llama's shape)
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "demo"
 sys.path.insert(0, str(ROOT / "testing_support"))
-sys.path.insert(0, str(DEMO))
+sys.path.insert(0, str(ROOT / "demo"))
 
 import data as demo_data  # noqa: E402
 import run_demo  # noqa: E402

@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing_support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from disel_integration_utils import (
-    TRAIN_TEXT,
     disel_config,
     gate_report,
     gate_state,
@@ -30,7 +29,7 @@ from disel_integration_utils import (
     parse_launch_args,
     probe_ids,
 )
-from disel_testing import write_rank_result
+from disel_testing import TRAIN_TEXT, write_rank_result
 
 from peft import get_peft_model
 from peft.optimizers import create_disel_optimizer

@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing_support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import TRAIN_TEXT, DiselOptimizerMixin, disel_config, gate_report, lm_batch, probe_ids
-from disel_testing import GATE, make_tokenizer, write_rank_result
+from disel_integration_utils import DiselOptimizerMixin, disel_config, gate_report, lm_batch, probe_ids
+from disel_testing import GATE, TRAIN_TEXT, make_tokenizer, write_rank_result
 
 
 # the training texts: 3 steps x 2 processes x 2 per process (the order is kept: sequential sampling)

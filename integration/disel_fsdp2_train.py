@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing_support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import TRAIN_TEXT, disel_config, gate_report, lm_batch, parse_launch_args, probe_ids
-from disel_testing import GATE, write_rank_result
+from disel_integration_utils import disel_config, gate_report, lm_batch, parse_launch_args, probe_ids
+from disel_testing import GATE, TRAIN_TEXT, write_rank_result
 
 from peft import get_peft_model
 from peft.optimizers import create_disel_optimizer

@@ -95,16 +95,6 @@ def probe_ids():
     return tokenizer(text, padding=True, return_tensors="pt")
 
 
-TRAIN_TEXT = [
-    "the cat sat on the mat .",
-    "the dog ran under the tree .",
-    "a bird flew in the sky .",
-    "a fish swam in the sea .",
-    "the red cat sat on a blue mat .",
-    "the big dog ran in the sea .",
-]
-
-
 def lm_batch(texts):
     """A padded causal LM batch with labels (padding left out of the loss)."""
     batch = make_tokenizer()(texts, padding=True, return_tensors="pt")

@@ -21,6 +21,15 @@ WORDS = [
     *["one", "two", "three", "four", "five"],
 ]
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
+# sentences in that vocabulary to train the tiny Llama on
+TRAIN_TEXT = [
+    "the cat sat on the mat .",
+    "the dog ran under the tree .",
+    "a bird flew in the sky .",
+    "a fish swam in the sea .",
+    "the red cat sat on a blue mat .",
+    "the big dog ran in the sea .",
+]
 
 # the tiny Llama's shape: 2 decoder layers, 64 wide (the width of bitsandbytes' 4-bit block), 4 query heads of 16
 TINY_LLAMA = {

@@ -38,7 +38,7 @@ ROOT = HERE.parents[1]
 SUPPORT = ROOT / "testing_support"
 sys.path.insert(0, str(SUPPORT))
 
-from disel_testing import llama_config, make_tokenizer  # noqa: E402
+from disel_testing import TRAIN_TEXT, llama_config, make_tokenizer  # noqa: E402
 
 
 NEW_TOKENS = 8
@@ -50,14 +50,7 @@ PROMPTS = [
     "where is the small fish ?",
     "one two three",
 ]
-TEXT_A = [
-    "the cat sat on the mat .",
-    "the dog ran under the tree .",
-    "a bird flew in the sky .",
-    "a fish swam in the sea .",
-    "the red cat sat on a blue mat .",
-    "the big dog ran in the sea .",
-]
+TEXT_A = TRAIN_TEXT
 TEXT_B = [
     "what colour is the sky ? blue .",
     "what colour is the sea ? blue .",
