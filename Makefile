@@ -6,17 +6,20 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Never an unpinned torch: that pulls a multi-GB CUDA build. Override for another build, e.g. TORCH_SPEC=torch==2.14.1;
-# for a CUDA build from PyTorch's own index, name the build and the index (pip's --extra-index-url, so that everything
-# else still comes from the package index): TORCH_SPEC=torch==2.13.0+cu128 TORCH_INDEX=https://download.pytorch.org/whl/cu128
-TORCH_SPEC ?= torch==2.13.0
+# Never an unpinned torch: that pulls a multi-GB CUDA build. TORCH_PIN is the one place the torch version is spelled
+# (the vLLM venv below and integration/test_pip_install.py read it here). Override for another build, e.g.
+# TORCH_SPEC=torch==2.14.1; for a CUDA build from PyTorch's own index, name the build and the index (pip's
+# --extra-index-url, so that everything else still comes from the package index):
+# TORCH_SPEC=torch==2.13.0+cu128 TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_PIN := torch==2.13.0
+TORCH_SPEC ?= $(TORCH_PIN)
 TORCH_INDEX ?=
 TORCH_PIP_ARGS = '$(TORCH_SPEC)' $(if $(TORCH_INDEX),--extra-index-url '$(TORCH_INDEX)')
 TOOL := $(PYTHON) tooling/peftpatch.py
 DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC) $(TORCH_INDEX)' | cat - tooling/requirements.txt | sha1sum | cut -c1-12)
 
 .PHONY: help install tree reset-tree patches check test test-patched known-failures wheel pr quality clean \
-	demo frontier demo-smoke bench bench-quick gpu-check test-integration test-lm-eval test-prs test-pip-install \
+	demo frontier bench bench-quick gpu-check test-integration test-lm-eval test-prs test-pip-install \
 	install-vllm test-vllm bench-vllm
 
 help:
@@ -26,9 +29,11 @@ help:
 	@echo "                    vLLM serving tests (VLLM_TESTS=0 leaves those out)"
 	@echo "make install        .venv with torch ($(TORCH_SPEC)), the test deps and the patched peft (editable)"
 	@echo "make tree           materialise build/peft: the pristine sdist and one commit per topic of patches/"
+	@echo "make reset-tree     rebuild build/peft from patches/, throwing away commits and edits there not in patches/"
 	@echo "make patches        write build/peft's commits back to patches/ and to our files"
 	@echo "make check          the series and each pull request apply to the verified sdist, build/peft is in sync"
 	@echo "make test-patched   a faster test run on the patched tree only (known upstream failures xfailed)"
+	@echo "make known-failures regenerate tooling/upstream-known-failures.txt (after bumping upstream or the pins)"
 	@echo "make test-integration  integration/ only: TRL, DDP, FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (lm-eval: see below)"
 	@echo "make test-lm-eval   install the pinned lm-eval, then evaluate a DISeL adapter with it (opt-in test)"
 	@echo "make test-pip-install  pip install of a clean clone into a fresh venv (build isolation on), then DISeL"
@@ -41,6 +46,7 @@ help:
 	@echo "make bench          DISeL vs LoRA vs DoRA speed, decoding and memory ratios; make bench-quick for a short run"
 	@echo "make gpu-check      on a CUDA GPU: the DISeL and QLoRA tests, the demo's smoke tests and make bench there"
 	@echo "make quality        ruff on our files and on the patched upstream files"
+	@echo "make clean          remove build/, dist/ and both venvs"
 
 # --- install -------------------------------------------------------------------------------------------------------
 
@@ -58,7 +64,8 @@ tree:
 reset-tree:
 	$(TOOL) reset-tree
 
-# the editable install points at build/peft/src, so edits there (and to our symlinked files) are live
+# the editable install points at build/peft/src, so edits there are live; `make tree` copies our files (src/, tests/)
+# into build/peft, so an edit to one of ours goes live there with `make tree` (`make patches` writes build/peft back)
 $(VENV)/.peft-installed: $(DEPS_STAMP) UPSTREAM
 	$(MAKE) --no-print-directory tree
 	$(PIP) install --no-deps --no-build-isolation -e build/peft
@@ -124,7 +131,7 @@ test-lm-eval: install $(LM_EVAL_STAMP)
 # none of them: they are removed. The tests take their reference outputs from the main venv (patched PEFT).
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
-VLLM_TORCH_SPEC := torch==2.13.0
+VLLM_TORCH_SPEC := $(TORCH_PIN)
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(VLLM_TORCH_SPEC)' | cat - vllm_disel/pyproject.toml | sha1sum | cut -c1-12)
 
 $(VLLM_PY):
@@ -162,8 +169,8 @@ known-failures: install
 UPSTREAM_PY = $$(git diff --name-only --diff-filter=AM $$(git tag -l 'upstream-*') -- '*.py')
 UPSTREAM_STYLED = $$(git diff --name-only --diff-filter=AM $$(git tag -l 'upstream-*') -- 'src/*.py' 'tests/*.py')
 quality: install pr
-	$(VENV)/bin/ruff check tooling bench demo setup.py $(wildcard integration)
-	$(VENV)/bin/ruff format --check tooling bench demo setup.py $(wildcard integration)
+	$(VENV)/bin/ruff check tooling bench demo setup.py integration testing_support
+	$(VENV)/bin/ruff format --check tooling bench demo setup.py integration testing_support
 	cd vllm_disel && ../$(VENV)/bin/ruff check . && ../$(VENV)/bin/ruff format --check .
 	cd build/peft && ../../$(VENV)/bin/ruff check $(UPSTREAM_PY)
 	cd build/peft && ../../$(VENV)/bin/ruff format --check $(UPSTREAM_PY)

@@ -30,12 +30,14 @@ import pytest
 import torch
 
 
-# this file is symlinked into build/peft/tests: resolve the link to find the repository's demo/
-DEMO = Path(__file__).resolve().parents[1] / "demo"
-sys.path.insert(0, str(DEMO))
+# the repository's demo/ (the modules under test) and testing_support/ (the tiny Llama's shape)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "testing_support"))
+sys.path.insert(0, str(ROOT / "demo"))
 
 import data as demo_data  # noqa: E402
 import run_demo  # noqa: E402
+from disel_testing import TINY_LLAMA, llama_config  # noqa: E402
 from train import encode_batch  # noqa: E402
 
 
@@ -57,7 +59,7 @@ def _corpus():
 def build_tiny_model(folder: Path) -> Path:
     """A 2-layer, 64-wide random LlamaForCausalLM and a 400-token byte-level BPE tokenizer, saved to `folder`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -68,21 +70,9 @@ def build_tiny_model(folder: Path) -> Path:
     tok.train_from_iterator(_corpus(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        # widths of at least bitsandbytes' 4-bit block (64): on CPUs with AVX512-BF16, its packing for inference
-        # divides the input width by the block size
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
+    # widths of at least bitsandbytes' 4-bit block (64): on CPUs with AVX512-BF16, its packing for inference divides
+    # the input width by the block size
+    config = llama_config(tokenizer, **TINY_LLAMA, max_position_embeddings=512, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -203,10 +193,10 @@ def test_demo_qlora_4bit(demo_env, monkeypatch):
     assert rc == 0
     assert adapted == {"peft.tuners.lora.bnb.Linear4bit"}
     assert packed_at_training == [0, 0]  # each method trains a freshly loaded base
-    # the evaluations ran the kernel this CPU has: repacked where bitsandbytes repacks, dequantized elsewhere
-    assert len(packed_after_eval) == 3 and all(n > 0 for n in packed_after_eval) == bool(
-        bnb_functional.has_avx512bf16()
-    )
+    # the evaluations ran the kernel of the device: repacked where bitsandbytes repacks (CPU weights, on CPUs with
+    # AVX512-BF16; never weights on a GPU, whatever the host CPU has), dequantized elsewhere
+    repacks = DEVICE == "cpu" and bool(bnb_functional.has_avx512bf16())
+    assert len(packed_after_eval) == 3 and all(n > 0 for n in packed_after_eval) == repacks
     # outputs in their own folder, next to (not over) the full-precision ones; the caches are shared
     assert not (out / "results.json").exists()
     qdir = out / "qlora-4bit"

@@ -5,7 +5,8 @@
 
 (`accelerate launch --cpu --num_processes 2` starts a single process, hence the world size check.) Each rank trains on
 its own examples, so only DDP's gradient all-reduce keeps the replicas equal; the gates are compared across ranks, and
-rank 0 saves the adapter and the outputs of the trained model on a fixed batch (OUT/outputs.pt).
+each rank writes what it found to OUT/rank<rank>.json. Rank 0 saves the adapter and the outputs of the trained model on
+a fixed batch (OUT/outputs.pt).
 """
 
 import sys
@@ -17,17 +18,18 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing_support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from disel_integration_utils import (
-    TRAIN_TEXT,
-    check_gates_moved_and_agree,
     disel_config,
+    gate_report,
     gate_state,
     lm_batch,
     parse_launch_args,
     probe_ids,
 )
+from disel_testing import TRAIN_TEXT, write_rank_result
 
 from peft import get_peft_model
 from peft.optimizers import create_disel_optimizer
@@ -38,7 +40,8 @@ def main():
 
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
-    print(f"DDP rank {rank}: world size {world}, backend {torch.distributed.get_backend()}", flush=True)
+    backend = torch.distributed.get_backend()
+    print(f"DDP rank {rank}: world size {world}, backend {backend}", flush=True)
     assert world == 2, f"expected 2 processes, got {world}"
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.base_dir), disel_config())
@@ -59,7 +62,8 @@ def main():
 
     peft_model = accelerator.unwrap_model(model)
     gates = gate_state(peft_model)
-    check_gates_moved_and_agree(gates, gates_before, f"DDP rank {rank}")
+    report = gate_report(gates, gates_before, f"DDP rank {rank}")
+    write_rank_result(args.output_dir, rank, world_size=world, backend=backend, **report)
 
     if accelerator.is_main_process:
         peft_model.eval()

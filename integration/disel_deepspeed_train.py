@@ -11,8 +11,9 @@ DeepSpeed, transformers ignores `Trainer(optimizers=...)`), and `trainer.save_mo
 gathers the partitions first, `stage3_gather_16bit_weights_on_model_save`). `--stage 0` is the same training in one process without DeepSpeed,
 with the per-device batch of all processes together: the reference for the losses.
 
-Each process checks that the gates moved and are identical on every rank (gathered under ZeRO-3) and reports whether
-DISeL's fused A+gate path is taken (not under ZeRO-3, whose forward hooks gather the weights). Rank 0 writes
+Each process writes what it found to OUT/rank<rank>.json: its world size and backend, whether the gates moved and are
+identical on every rank (gathered under ZeRO-3), whether DISeL's fused A+gate path is taken (not under ZeRO-3, whose
+forward hooks gather the weights) and, under ZeRO-3, how many parameters are partitioned. Rank 0 writes
 OUT/outputs.pt: the losses per step, the world size, the group learning rates, and the trained model's outputs on a
 fixed batch.
 """
@@ -26,18 +27,11 @@ from pathlib import Path
 import torch
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing_support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import (
-    GATE,
-    TRAIN_TEXT,
-    DiselOptimizerMixin,
-    check_gates_moved_and_agree,
-    disel_config,
-    lm_batch,
-    make_tokenizer,
-    probe_ids,
-)
+from disel_integration_utils import DiselOptimizerMixin, disel_config, gate_report, lm_batch, probe_ids
+from disel_testing import GATE, TRAIN_TEXT, make_tokenizer, write_rank_result
 
 
 # the training texts: 3 steps x 2 processes x 2 per process (the order is kept: sequential sampling)
@@ -165,12 +159,16 @@ def main():
     rank = training_args.process_index
     # the Trainer's own count: it sizes the DeepSpeed batch and shards the data by it
     assert training_args.world_size == world, f"the Trainer sees {training_args.world_size} process(es), not {world}"
+    result = {"world_size": world}
     if args.stage:
         import torch.distributed as dist
 
+        result.update(
+            world_size=dist.get_world_size(), backend=dist.get_backend(), accelerator=os.environ.get("DS_ACCELERATOR")
+        )
         print(
-            f"{tag} rank {rank}: world size {dist.get_world_size()}, backend {dist.get_backend()}, "
-            f"accelerator {os.environ.get('DS_ACCELERATOR')}",
+            f"{tag} rank {rank}: world size {result['world_size']}, backend {result['backend']}, "
+            f"accelerator {result['accelerator']}",
             flush=True,
         )
 
@@ -181,6 +179,7 @@ def main():
         assert partitioned and len(partitioned) == len(list(base.parameters())), "the base model is not partitioned"
         assert all(p.numel() == 0 for p in partitioned), "ZeRO-3 partitions are expected to be empty outside forward"
         print(f"{tag} rank {rank}: base model built under zero3_init, {len(partitioned)} partitioned parameters")
+        result["base_partitioned"] = len(partitioned) == len(list(base.parameters()))
     else:
         assert not partitioned
 
@@ -204,6 +203,14 @@ def main():
             f"weights initialized {weights}; lora_B all zero {max(lora_b) == 0}",
             flush=True,
         )
+        zero_init = {
+            "gate_tensors": len(gates),
+            "full_shape": full,
+            "biases_minus_3": biases,
+            "weights_initialized": weights,
+            "lora_b_zero": max(lora_b) == 0,
+        }
+        write_rank_result(args.output_dir, rank, **result, zero_init=zero_init)
         return
     else:
         model = get_peft_model(base, disel_config())
@@ -227,20 +234,21 @@ def main():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     fused = _can_fuse(layer.lora_A["default"], layer.lora_disel_gate["default"], layer.lora_dropout["default"])
     print(f"{tag} rank {rank}: DISeL fused A+gate path {'on' if fused else 'off (module calls)'}", flush=True)
+    result["fused"] = fused
 
     gate_params = {n: p for n, p in model.named_parameters() if GATE in n}
     assert gate_params.keys() == gates_before.keys()
     if args.stage == 3:
         trainable = [p for p in model.parameters() if p.requires_grad]
-        assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in trainable), "the adapters are not partitioned"
-        print(f"{tag} rank {rank}: all {len(trainable)} adapter parameters partitioned (empty outside forward)")
+        partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in trainable)
+        print(f"{tag} rank {rank}: {len(trainable)} adapter parameters, all partitioned {partitioned}")
+        result.update(adapter_tensors=len(trainable), adapters_partitioned=partitioned)
     if args.stage:
-        import torch.distributed as dist
-
         with gathered(list(gate_params.values())):
             gates = {n: p.detach().clone() for n, p in gate_params.items()}
         assert all(gates[n].shape == gates_before[n].shape for n in gates), "a gathered gate has the wrong shape"
-        check_gates_moved_and_agree(gates, gates_before, f"{tag} rank {rank}")
+        result.update(gate_report(gates, gates_before, f"{tag} rank {rank}"))
+    write_rank_result(args.output_dir, rank, **result)
 
     # every rank runs the forward (ZeRO-3 gathers the partitions in it); rank 0 keeps the outputs
     model.eval()

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 integration/disel_fsdp2_train.py --base_dir BASE --output_dir OUT
 
 The adapters are injected first, then each decoder layer and the whole model are sharded, and the optimizer is created
-on the sharded parameters. After training, the full state dict is gathered to compare the gates across ranks, and rank
-0 saves the adapter from it through PEFT and the outputs of the trained model on a fixed batch (OUT/outputs.pt).
+on the sharded parameters. After training, the full state dict is gathered to compare the gates across ranks (each rank
+writes what it found to OUT/rank<rank>.json), and rank 0 saves the adapter from it through PEFT and the outputs of the
+trained model on a fixed batch (OUT/outputs.pt).
 """
 
 import sys
@@ -19,17 +20,11 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing_support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import (
-    GATE,
-    TRAIN_TEXT,
-    check_gates_moved_and_agree,
-    disel_config,
-    lm_batch,
-    parse_launch_args,
-    probe_ids,
-)
+from disel_integration_utils import disel_config, gate_report, lm_batch, parse_launch_args, probe_ids
+from disel_testing import GATE, TRAIN_TEXT, write_rank_result
 
 from peft import get_peft_model
 from peft.optimizers import create_disel_optimizer
@@ -40,7 +35,8 @@ def main():
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    print(f"FSDP2 rank {rank}: world size {world}, backend {dist.get_backend()}", flush=True)
+    backend = dist.get_backend()
+    print(f"FSDP2 rank {rank}: world size {world}, backend {backend}", flush=True)
     assert world == 2, f"expected 2 processes, got {world}"
     mesh = init_device_mesh("cpu", (world,))
 
@@ -67,7 +63,8 @@ def main():
     # the full (unsharded) state dict on every rank, to compare the gates
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     gates = {n: t for n, t in full.items() if GATE in n}
-    check_gates_moved_and_agree(gates, gates_before, f"FSDP2 rank {rank}")
+    report = gate_report(gates, gates_before, f"FSDP2 rank {rank}")
+    write_rank_result(args.output_dir, rank, world_size=world, backend=backend, **report)
 
     # every rank runs the forward (it gathers the shards); rank 0 keeps the outputs
     model.eval()

@@ -1,71 +1,14 @@
-"""Shared pieces of the integration tests: a tiny Llama with an offline word-level tokenizer, and DISeL helpers.
+"""DISeL helpers of the integration tests: the adapter config, training data, the gate checks of the launched scripts
+and the optimizer of a `Trainer`. The tiny model and its tokenizer are in testing_support/disel_testing.py.
 
-Imported by path (the test files put this folder on sys.path), also by the scripts the distributed tests launch.
+Imported by path (the test files put this folder and testing_support/ on sys.path), also by the scripts the
+distributed tests launch.
 """
 
 import argparse
-from pathlib import Path
 
 import torch
-
-
-# every word the tests use (anything else would be <unk>)
-WORDS = [
-    *["the", "a", "is", "was", "it", "and", "of", "on", "in", "under", "what", "where", "how", "many"],
-    *["cat", "dog", "bird", "fish", "mat", "tree", "sky", "sea", "sat", "ran", "flew", "swam"],
-    *["big", "small", "red", "blue", "green", "colour", "yes", "no", "question", "answer"],
-    *["one", "two", "three", "four", "five"],
-]
-SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
-GATE = "lora_disel_gate"
-
-
-def make_tokenizer():
-    """A word-level tokenizer built in code (nothing from the Hub): specials, words, and punctuation."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS + list(".,:?!"))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-
-
-def llama_config(**shape):
-    """A LlamaConfig of the given shape for the tokenizer of `make_tokenizer`: its vocabulary size (equal, or lm-eval
-    resizes the embeddings before loading an adapter) and special tokens; 256 positions unless given."""
-    from transformers import LlamaConfig
-
-    tokenizer = make_tokenizer()
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **{"max_position_embeddings": 256, **shape},
-    )
-
-
-def make_base_model(seed=0):
-    """A 2-layer, 64-wide random LlamaForCausalLM (widths that real models have), the same for the same seed."""
-    from transformers import LlamaForCausalLM
-
-    config = llama_config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
-
-
-def save_base_model(folder):
-    """Saves the tiny model and its tokenizer to `folder` (a local model directory for from_pretrained)."""
-    folder = Path(folder)
-    make_base_model().save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
+from disel_testing import GATE, gate_tensors, make_tokenizer, read_rank_results
 
 
 def parse_launch_args():
@@ -90,17 +33,34 @@ def gate_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if GATE in n}
 
 
-def check_gates_moved_and_agree(gates, gates_before, label):
-    """Assert that every gate moved from `gates_before` and that both processes hold the same gates, and say so."""
+def gate_report(gates, gates_before, label):
+    """What a rank of a launched script found of its gates after training, for its per-rank result: how many, whether
+    every one moved from `gates_before`, and whether every rank holds the same values (a collective: all ranks call it
+    together). Also printed, for the log."""
     import torch.distributed as dist
 
     assert gates.keys() == gates_before.keys()
-    assert all(not torch.equal(gates[n], gates_before[n]) for n in gates), "a gate did not move"
+    moved = all(not torch.equal(gates[n], gates_before[n]) for n in gates)
     flat = torch.cat([gates[n].flatten() for n in sorted(gates)])
     per_rank = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(per_rank, flat)
-    assert all(torch.equal(per_rank[0], other) for other in per_rank[1:]), "the gates differ across ranks"
-    print(f"{label}: {len(gates)} {GATE} tensors identical on both ranks", flush=True)
+    identical = all(torch.equal(per_rank[0], other) for other in per_rank[1:])
+    print(f"{label}: {len(gates)} {GATE} tensors, all moved {moved}, identical on all ranks {identical}", flush=True)
+    return {"gate_tensors": len(gates), "gates_moved": moved, "gates_identical": identical}
+
+
+def check_rank_results(folder, **expected):
+    """Reads the per-rank results of a 2-process launch from `folder` and checks them: both ranks ran in a world of
+    2 on gloo, every gate of the adapter ("all-linear") moved and both ranks hold the same gates, and each field of
+    `expected` has its value on both ranks. Returns the results, in rank order."""
+    results = read_rank_results(folder, world_size=2)
+    for result in results:
+        assert result["world_size"] == 2 and result["backend"] == "gloo", result
+        assert result["gate_tensors"] == gate_tensors(), result
+        assert result["gates_moved"], f"rank {result['rank']}: a gate did not move"
+        assert result["gates_identical"], f"rank {result['rank']}: the gates differ across ranks"
+        assert {k: result[k] for k in expected} == expected, result
+    return results
 
 
 class DiselOptimizerMixin:
@@ -133,16 +93,6 @@ def probe_ids():
     tokenizer = make_tokenizer()
     text = ["the cat sat on the mat .", "what colour is the sky ? blue ."]
     return tokenizer(text, padding=True, return_tensors="pt")
-
-
-TRAIN_TEXT = [
-    "the cat sat on the mat .",
-    "the dog ran under the tree .",
-    "a bird flew in the sky .",
-    "a fish swam in the sea .",
-    "the red cat sat on a blue mat .",
-    "the big dog ran in the sea .",
-]
 
 
 def lm_batch(texts):

@@ -3,7 +3,7 @@
 disel_deepspeed_train.py runs under torchrun with `DS_ACCELERATOR=cpu`: the model is created after
 `TrainingArguments(deepspeed=...)` (under ZeRO-3, `from_pretrained` then builds it partitioned, as it does for users),
 the gates get their learning rate from `create_disel_optimizer`, and `trainer.save_model()` saves the adapter. This
-process checks that:
+process checks, from the per-rank results (rank<rank>.json) and outputs.pt the script writes, that:
 
 - both processes ran, with world size 2;
 - the losses of the 3 steps equal those of the same training in one process without DeepSpeed;
@@ -14,10 +14,6 @@ process checks that:
   ZeRO-3, whose forward hooks gather the partitioned weights.
 """
 
-import os
-import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,10 +21,23 @@ import pytest
 import torch
 
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "integration"
+sys.path.insert(0, str(ROOT / "testing_support"))
 sys.path.insert(0, str(HERE))
 
-from disel_integration_utils import GATE, disel_config, make_base_model, probe_ids, save_base_model  # noqa: E402
+from disel_integration_utils import check_rank_results, disel_config, probe_ids  # noqa: E402
+from disel_testing import (  # noqa: E402
+    GATE,
+    adapter_tensors,
+    free_port,
+    gate_tensors,
+    launch_env,
+    make_base_model,
+    read_rank_results,
+    run_launched,
+    save_base_model,
+)
 
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict  # noqa: E402
 
@@ -43,27 +52,10 @@ TIMEOUT = 400
 SCRIPT = HERE / "disel_deepspeed_train.py"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd):
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would turn DeepSpeed off
-    env.update(
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        CUDA_VISIBLE_DEVICES="",
-    )
-    proc = subprocess.run(
-        cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False, stdin=subprocess.DEVNULL
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{output[-6000:]}"
-    return output
+    # without ACCELERATE_USE_CPU, which would turn DeepSpeed off
+    env = launch_env(drop=("ACCELERATE_USE_CPU",), DS_ACCELERATOR="cpu")
+    return run_launched(cmd, cwd=HERE, env=env, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +85,19 @@ def test_deepspeed_zero_trainer_two_cpu_processes(stage, base_dir, reference, tm
 def test_deepspeed_zero3_gates_created_under_zero_init(base_dir, tmp_path):
     # on partitioned lora_A weights: the gate's full shape comes from ds_shape, and its values are initialized before
     # zero.Init partitions them
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    output = _run(
-        [*cmd, SCRIPT, "--stage", "3", "--base_dir", base_dir, "--output_dir", tmp_path, "--inject_under_zero_init"]
-    )
-    pattern = r"ZeRO-3 rank \d: under zero.Init (\d+) gate tensors, full shape (\w+), biases -3 (\w+), weights initialized (\w+)"
-    found = re.findall(pattern + r"; lora_B all zero (\w+)", output)
-    assert len(found) == 2, output[-3000:]
-    assert all(f[:4] == ("28", "True", "True", "True") for f in found), found
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    _run([*cmd, SCRIPT, "--stage", "3", "--base_dir", base_dir, "--output_dir", tmp_path, "--inject_under_zero_init"])
+    found = [result["zero_init"] for result in read_rank_results(tmp_path, world_size=2)]
+    expected = {
+        "gate_tensors": gate_tensors(),
+        "full_shape": True,
+        "biases_minus_3": True,
+        "weights_initialized": True,
+    }
+    assert all({k: f[k] for k in expected} == expected for f in found), found
     print(
-        f"ZeRO-3 under zero.Init: 28 gates at full shape, biases -3, weights initialized; lora_B all zero: {found[0][4]}"
+        f"ZeRO-3 under zero.Init: {gate_tensors()} gates at full shape, biases -3, weights initialized; "
+        f"lora_B all zero: {found[0]['lora_b_zero']}"
     )
 
 
@@ -111,16 +106,15 @@ def _train_and_check(stage, base_dir, reference, tmp_path, *extra):
     from transformers import AutoModelForCausalLM
 
     tag = f"ZeRO-{stage}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    output = _run([*cmd, SCRIPT, "--stage", str(stage), "--base_dir", base_dir, "--output_dir", tmp_path, *extra])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    _run([*cmd, SCRIPT, "--stage", str(stage), "--base_dir", base_dir, "--output_dir", tmp_path, *extra])
 
-    sizes = re.findall(rf"{tag} rank (\d): world size (\d+), backend gloo, accelerator cpu", output)
-    assert sorted(sizes) == [("0", "2"), ("1", "2")], output[-3000:]
-    assert len(re.findall(rf"{tag} rank \d: \d+ {GATE} tensors identical on both ranks", output)) == 2
+    # both ranks in a world of 2 on gloo, DeepSpeed's CPU accelerator; the gates moved and agree
+    check_rank_results(tmp_path, accelerator="cpu")
     if stage == 3:
-        assert len(re.findall(rf"{tag} rank \d: base model built under zero3_init", output)) == 2
-        # A, B and the gate's weight and bias on 7 linear layers x 2 decoder layers, on each rank
-        assert re.findall(rf"{tag} rank \d: all (\d+) adapter parameters partitioned", output) == ["56", "56"]
+        # the base model built under zero3_init; A, B and the gate's weight and bias of every adapted layer partitioned
+        expected = {"base_partitioned": True, "adapter_tensors": adapter_tensors(), "adapters_partitioned": True}
+        check_rank_results(tmp_path, **expected)
     saved = torch.load(tmp_path / "outputs.pt")
     assert saved["world_size"] == 2
     print(f"{tag}: world size {saved['world_size']} (both ranks report it), backend gloo")
@@ -152,7 +146,7 @@ def _train_and_check(stage, base_dir, reference, tmp_path, *extra):
         state = load_file(tmp_path / folder / "adapter_model.safetensors")
         assert {k: tuple(v.shape) for k, v in state.items()} == expected
         gates = {k: tuple(v.shape) for k, v in state.items() if GATE in k}
-        assert len(gates) == 28 and all(v.numel() > 0 and v.dtype == torch.float32 for v in state.values())
+        assert len(gates) == gate_tensors() and all(v.numel() > 0 and v.dtype == torch.float32 for v in state.values())
         shapes = ", ".join(sorted({f"{shape}" for shape in gates.values()}))
         print(f"{tag}: {how}: {len(gates)} {GATE} tensors at full shape {shapes}")
 

@@ -19,9 +19,11 @@ import torch
 
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "testing_support"))
 sys.path.insert(0, str(HERE))
 
-from disel_integration_utils import disel_config, lm_batch, make_tokenizer, save_base_model  # noqa: E402
+from disel_integration_utils import disel_config, lm_batch  # noqa: E402
+from disel_testing import launch_env, make_tokenizer, save_base_model  # noqa: E402
 
 from peft import PeftModel, get_peft_model  # noqa: E402
 from peft.optimizers import create_disel_optimizer  # noqa: E402
@@ -133,15 +135,12 @@ def test_lm_eval_harness_scores_disel_adapter_like_direct_computation(tmp_path):
         str(tmp_path / "results"),
         "--log_samples",
     ]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"),
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = launch_env(
+        hide_gpus=False,
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"),
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     results = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())

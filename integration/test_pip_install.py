@@ -10,6 +10,7 @@ It needs the package index (torch, peft's dependencies and the peft sdist); pip'
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,12 +20,29 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parent.parent
-TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+sys.path.insert(0, str(ROOT / "testing_support"))
 
-# runs inside the fresh venv: one DISeL step on a tiny Llama, save, load with PeftModel.from_pretrained, compare
+from disel_testing import gate_tensors  # noqa: E402
+
+
+def torch_pin() -> str:
+    """The Makefile's torch pin (TORCH_PIN), the one place it is spelled."""
+    found = re.search(r"^TORCH_PIN := (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert found, "the Makefile no longer sets TORCH_PIN"
+    return found.group(1)
+
+
+# `make TORCH_SPEC=...` passes its own build (the Makefile's variables given on the command line are in the
+# environment)
+TORCH_SPEC = os.environ.get("TORCH_SPEC") or torch_pin()
+
+# runs inside the fresh venv: one DISeL step on a tiny Llama (its shape from the clone's testing_support/), save, load
+# with PeftModel.from_pretrained, compare
 CHECK = """
 import json, sys
+sys.path.insert(0, sys.argv[2])
 import peft, torch
+from disel_testing import TINY_LLAMA
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.optimizers import create_disel_optimizer
 from safetensors.torch import load_file
@@ -35,10 +53,7 @@ out = sys.argv[1]
 
 def base():
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256,
-    )
+    config = LlamaConfig(**TINY_LLAMA, vocab_size=256)
     return LlamaForCausalLM(config).eval()
 
 
@@ -106,7 +121,8 @@ def test_pip_install_clean_clone_with_build_isolation(tmp_path):
         out = run([*pip, str(clone)], env, tmp_path, 1200)
         assert f"peft-{version}" in out.splitlines()[-1], out[-2000:]
         (tmp_path / "check.py").write_text(CHECK)
-        result = json.loads(run([str(python), "check.py", "adapter"], env, tmp_path, 600).splitlines()[-1])
+        check = [str(python), "check.py", "adapter", str(clone / "testing_support")]
+        result = json.loads(run(check, env, tmp_path, 600).splitlines()[-1])
     finally:
         shutil.rmtree(venv, ignore_errors=True)  # ~1.2 GB with torch
     print(json.dumps(result))
@@ -115,6 +131,6 @@ def test_pip_install_clean_clone_with_build_isolation(tmp_path):
     if "==" in TORCH_SPEC:
         assert result["torch_version"].split("+")[0] == TORCH_SPEC.partition("==")[2], "pip changed the torch version"
     assert result["use_disel"], "the saved adapter_config.json is not a DISeL adapter's"
-    assert len(result["gate_keys"]) == 2 * 2 * 2, result["gate_keys"]  # 2 layers x (q, v) x (weight, bias)
+    assert len(result["gate_keys"]) == gate_tensors(modules=2), result["gate_keys"]  # q and v
     assert result["adapter_effect"] > 1e-4, "one step changed nothing: the check would also pass without DISeL"
     assert result["reload_diff"] < 1e-5, "the reloaded adapter does not reproduce the trained model's outputs"

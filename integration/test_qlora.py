@@ -16,9 +16,10 @@ import pytest
 import torch
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing_support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import make_base_model
+from disel_testing import adapter_tensors, gate_tensors, make_base_model
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.import_utils import is_bnb_available
@@ -141,7 +142,9 @@ class TestDiselQuantized:
         return get_peft_model(base, config)
 
     def train_steps(self, model, steps=3):
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        # no weight decay, so that a parameter moves only by its gradient (AdamW's default decay of 0.01 moves a gate
+        # bias from -3 even when its gradient is exactly 0)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
         model.train()
         for _ in range(steps):
             model(input_ids=self.IDS, labels=self.IDS).loss.backward()
@@ -173,14 +176,14 @@ class TestDiselQuantized:
         assert gate.weight.dtype == torch.float32
         assert gate.weight.device == layer.lora_A["default"].weight.device
 
-        biases = {
-            n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_disel_gate.default.bias")
-        }
+        gates = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_disel_gate" in n}
+        assert len(gates) == gate_tensors(modules=3)
         fused = patch.object(disel, "_disel_delta_fused", wraps=disel._disel_delta_fused)
         with fused as fused_spy:
             self.train_steps(model)
         assert fused_spy.call_count > 0  # A and the gate as one GEMM, also on a quantized layer
-        assert all(not torch.equal(p, biases[n]) for n, p in model.named_parameters() if n in biases)
+        # every gate weight and bias moved: without weight decay, only a nonzero gradient moves them
+        assert all(not torch.equal(p, gates[n]) for n, p in model.named_parameters() if n in gates)
 
         logits = self.eval_logits(model)
         n_linear4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
@@ -197,7 +200,7 @@ class TestDiselQuantized:
         model = self.get_disel_model(model_dir, quant, keep_layout=True, init_lora_weights=False)
         before = self.eval_logits(model)
         grads = self.first_step_grads(model)
-        assert grads.keys() == reference.keys() and len(grads) == 6 * 4  # A, B, gate weight and bias
+        assert grads.keys() == reference.keys() and len(grads) == adapter_tensors(modules=3)
         assert all(torch.equal(grads[n], reference[n]) for n in grads)
 
         self.train_steps(model)
@@ -253,7 +256,7 @@ class TestDiselQuantized:
         model = self.get_disel_model(model_dir, "4bit-nf4-fp32", init_lora_weights=False)
         assert model.base_model.model.is_gradient_checkpointing
         grads = [g for n, g in self.first_step_grads(model).items() if "lora_disel_gate" in n]
-        assert len(grads) == 12
+        assert len(grads) == gate_tensors(modules=3)
         assert all(g.abs().sum() > 0 for g in grads)
 
 

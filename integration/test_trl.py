@@ -13,17 +13,11 @@ import pytest
 import torch
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "testing_support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disel_integration_utils import (
-    GATE,
-    DiselOptimizerMixin,
-    disel_config,
-    gate_state,
-    make_base_model,
-    make_tokenizer,
-    probe_ids,
-)
+from disel_integration_utils import DiselOptimizerMixin, disel_config, gate_state, probe_ids
+from disel_testing import GATE, TRAIN_TEXT, make_base_model, make_tokenizer
 
 
 trl = pytest.importorskip("trl")
@@ -49,13 +43,7 @@ class DiselSFTTrainer(DiselOptimizerMixin, trl.SFTTrainer):
 def _dataset():
     from datasets import Dataset
 
-    text = [
-        "the cat sat on the mat .",
-        "the dog ran under the tree .",
-        "a bird flew in the sky .",
-        "a fish swam in the sea .",
-    ]
-    return Dataset.from_dict({"text": text * 4})
+    return Dataset.from_dict({"text": TRAIN_TEXT[:4] * 4})
 
 
 def _sft_config(output_dir):

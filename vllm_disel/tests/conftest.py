@@ -12,7 +12,11 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "testing_support"))
 sys.path.insert(0, str(HERE))
+
+from disel_testing import launch_env  # noqa: E402
+
 
 # vLLM on the CPU: a small KV cache; offline
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -45,10 +49,11 @@ def main_python() -> Path:
     return path
 
 
-def run_main_python(args: list[str], timeout: int) -> None:
+def run_main_python(args: list[str], timeout: int) -> str:
+    """Runs the main venv's Python with `args` and returns what it printed; fails the test if it exits with an error."""
     proc = subprocess.run(
         [str(main_python()), *args],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=launch_env(hide_gpus=False),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -56,21 +61,18 @@ def run_main_python(args: list[str], timeout: int) -> None:
     )
     if proc.returncode != 0:
         pytest.fail(f"{args[0]} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    return proc.stdout
 
 
 def expected_source() -> str:
-    """make_reference.py's hash of its inputs, computed the same way here (no PEFT import needed)."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for path in (HERE / "make_reference.py", ROOT / "src" / "peft" / "tuners" / "lora" / "disel.py"):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    """make_reference.py's hash of its inputs, from the main venv: the PEFT that runs there is part of them."""
+    return run_main_python([str(HERE / "make_reference.py"), "--source-hash"], timeout=300).strip()
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """The tiny model, the adapters and reference.json; rebuilt when make_reference.py or PEFT's disel.py change."""
+    """The tiny model, the adapters and reference.json; rebuilt when make_reference.py, the shared test support or any
+    Python file of the main venv's PEFT changes."""
     out = Path(os.environ.get("DISEL_VLLM_REFERENCE", ROOT / "build" / "vllm-disel" / "reference"))
     ref = out / "reference.json"
     if not ref.exists() or json.loads(ref.read_text()).get("source") != expected_source():

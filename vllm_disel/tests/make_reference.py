@@ -17,12 +17,15 @@ It writes to OUT_DIR:
   forced fully open (what serving it as a plain LoRA adapter would give), which must differ from `disel_a`.
 
 With `--bench`, it writes instead the model and adapters of the throughput benchmark (`bench_throughput.py`): a wider
-random Llama and a DISeL and a plain LoRA adapter of the same rank, untrained (random A, B and gates).
+random Llama and a DISeL and a plain LoRA adapter of the same rank, untrained (random A, B and gates). With
+`--source-hash`, it prints the hash of what the reference depends on (see `source_hash`) and writes nothing.
 
 Nothing touches the Hugging Face Hub.
 """
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -32,9 +35,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT / "integration"))
+SUPPORT = ROOT / "testing_support"
+sys.path.insert(0, str(SUPPORT))
 
-from disel_integration_utils import llama_config, make_tokenizer  # noqa: E402
+from disel_testing import TRAIN_TEXT, llama_config, make_tokenizer  # noqa: E402
 
 
 NEW_TOKENS = 8
@@ -46,14 +50,7 @@ PROMPTS = [
     "where is the small fish ?",
     "one two three",
 ]
-TEXT_A = [
-    "the cat sat on the mat .",
-    "the dog ran under the tree .",
-    "a bird flew in the sky .",
-    "a fish swam in the sea .",
-    "the red cat sat on a blue mat .",
-    "the big dog ran in the sea .",
-]
+TEXT_A = TRAIN_TEXT
 TEXT_B = [
     "what colour is the sky ? blue .",
     "what colour is the sea ? blue .",
@@ -227,23 +224,37 @@ def build_bench(out: Path, hidden: int, layers: int, rank: int) -> None:
 
 
 def source_hash() -> str:
-    """A hash of what the reference depends on: this script and the DISeL implementation in PEFT."""
-    import hashlib
-
+    """A hash of what the reference depends on: this script, the shared test-support module, and every Python file of
+    the `peft` package this Python imports (the assembled tree that runs, build/peft/src/peft after `make install`), so
+    that a change of any topic of the series rebuilds the reference. `peft` is located, not imported."""
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"no peft package for {sys.executable}: run `make install`")
+    package = Path(next(iter(spec.submodule_search_locations)))
     h = hashlib.sha1()
-    for path in (Path(__file__).resolve(), ROOT / "src" / "peft" / "tuners" / "lora" / "disel.py"):
+    for path in [Path(__file__).resolve(), SUPPORT / "disel_testing.py"]:
         h.update(path.read_bytes())
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, nargs="?", help="the folder to write (not with --source-hash)")
     parser.add_argument("--bench", action="store_true", help="write the throughput benchmark's model and adapters")
     parser.add_argument("--hidden", type=int, default=1024, help="--bench: hidden size (a multiple of 64)")
     parser.add_argument("--layers", type=int, default=4, help="--bench: number of layers")
     parser.add_argument("--rank", type=int, default=16, help="--bench: rank of both adapters")
+    parser.add_argument(
+        "--source-hash", action="store_true", help="print the hash of the reference's inputs, and exit"
+    )
     args = parser.parse_args(argv)
+    if args.source_hash:
+        print(source_hash())
+        return 0
+    if args.out is None:
+        parser.error("the folder to write (OUT) is required")
     torch.set_num_threads(1)
     if args.bench:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,6 @@ The server binds to 127.0.0.1 on a free port, its start is polled with a deadlin
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ from pathlib import Path
 
 import pytest
 from conftest import LOGPROB_ATOL
+from disel_testing import free_port
 
 
 pytestmark = pytest.mark.timeout(900)
 
 START_TIMEOUT = 420  # seconds for the server to answer /health
 REQUEST_TIMEOUT = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(port: int, path: str, payload=None, timeout: float = REQUEST_TIMEOUT):
