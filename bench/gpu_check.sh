@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # `make gpu-check`: the checks that need a CUDA GPU, in one command. Never part of `make test` or CI.
 #
-#   1. the DISeL tests (tests/test_disel*.py) on the GPU: they run on peft's `infer_device()`, CUDA when torch sees it
-#   2. QLoRA on bitsandbytes' CUDA kernels: the DISeL tests' bitsandbytes class and the demo's smoke tests (QLoRA
-#      included) with DEMO_TEST_DEVICE=cuda
-#   3. `make bench` on the GPU (bench/disel_overhead.py --device cuda), which prints its ratios and the JSON line
+#   1. the DISeL tests (tests/test_disel*.py) under the CUDA build of torch. They build their models on the CPU (they
+#      take no device), so this step checks that they pass with that build, not DISeL's CUDA path
+#   2. DISeL on CUDA (integration/test_cuda.py): fused vs plain path, fp32 and autocast, train/save/reload
+#   3. QLoRA on bitsandbytes' CUDA kernels: integration/test_qlora.py with DISEL_TEST_DEVICE=cuda, and the demo's
+#      smoke tests (QLoRA included) with DEMO_TEST_DEVICE=cuda
+#   4. `make bench` on the GPU (bench/disel_overhead.py --device cuda), which prints its ratios and the JSON line
 #
 # Without a GPU it says so and does nothing else (exit 0). Logs go to build/gpu-check/. It needs the venv of `make
 # install` with a CUDA build of torch (TORCH_SPEC, see README.md); another Python can be named, e.g. on a machine whose
 # own python3 has CUDA torch and the other packages: PYTHON=python3 PYTHONPATH=build/peft/src bash bench/gpu_check.sh
 # (build/peft from `make tree`). --dry-run prints the steps without running them or looking for a GPU.
+# The tests run through tooling/run_tests.py's pytest (build/peft's configuration and rootdir, offline), one at a time
+# on the GPU (PYTEST_WORKERS=0; set it to run them in that many processes).
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +23,12 @@ DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
 LOGS=$ROOT/build/gpu-check
 
-nvidia_gpus() {
-    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0
+nvidia_gpus() {  # the number of GPUs nvidia-smi lists (0 without nvidia-smi or without a GPU)
+    local n=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')  # grep -c prints 0 (and fails) when nothing matches
+    fi
+    echo "${n:-0}"
 }
 
 if [[ $DRY == 0 ]]; then
@@ -50,11 +58,10 @@ if [[ $DRY == 0 ]]; then
     mkdir -p "$LOGS"
 fi
 
-# pytest as tooling/run_tests.py runs it: build/peft's configuration and rootdir, offline, our plugin on the path
-PYTEST=("$PY" -m pytest -p pytest_offline --import-mode=importlib -o addopts= -p no:cacheprovider -q -rfEs
-    --timeout=900 -c pyproject.toml --rootdir .)
+# tooling/run_tests.py's runner with this Python: `gpu_pytest.py JUNIT FILES...` (files relative to build/peft or absolute)
+PYTEST=("$PY" "$ROOT/bench/gpu_pytest.py")
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$ROOT/tooling" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTEST_WORKERS=${PYTEST_WORKERS:-0}
 
 declare -a SUMMARY
 FAILED=0
@@ -80,14 +87,15 @@ step() {  # step NAME LOG DIR COMMAND...: run COMMAND in DIR, its output on the 
 
 # our test files, linked into build/peft at the same paths
 mapfile -t DISEL_TESTS < <(cd "$ROOT" && ls tests/test_disel*.py)
-step "DISeL tests (tests/test_disel*.py)" disel-tests.log "$ROOT/build/peft" "${PYTEST[@]}" "${DISEL_TESTS[@]}"
+step "DISeL tests (tests/test_disel*.py, models on the CPU) under the CUDA build of torch" disel-tests.log "$ROOT" \
+    "${PYTEST[@]}" "$LOGS/disel-tests.xml" "${DISEL_TESTS[@]}"
 # selecting no test fails the step (pytest's exit 5)
-step "DISeL on CUDA: fused vs plain path, fp32 and bf16 autocast, train/save/reload" cuda-tests.log "$ROOT/build/peft" \
-    "${PYTEST[@]}" "$ROOT/integration/test_cuda.py"
-step "QLoRA: DISeL on bitsandbytes' CUDA kernels" qlora-tests.log "$ROOT/build/peft" \
-    env DISEL_TEST_DEVICE=cuda "${PYTEST[@]}" "$ROOT/integration/test_qlora.py"
-step "demo smoke tests on CUDA (QLoRA included)" demo-tests.log "$ROOT/build/peft" \
-    env DEMO_TEST_DEVICE=cuda "${PYTEST[@]}" "$ROOT/demo/test_demo.py"
+step "DISeL on CUDA: fused vs plain path, fp32 and autocast, train/save/reload" cuda-tests.log "$ROOT" \
+    "${PYTEST[@]}" "$LOGS/cuda-tests.xml" "$ROOT/integration/test_cuda.py"
+step "QLoRA: DISeL on bitsandbytes' CUDA kernels" qlora-tests.log "$ROOT" \
+    env DISEL_TEST_DEVICE=cuda "${PYTEST[@]}" "$LOGS/qlora-tests.xml" "$ROOT/integration/test_qlora.py"
+step "demo smoke tests on CUDA (QLoRA included)" demo-tests.log "$ROOT" \
+    env DEMO_TEST_DEVICE=cuda "${PYTEST[@]}" "$LOGS/demo-tests.xml" "$ROOT/demo/test_demo.py"
 step "make bench on CUDA" bench.log "$ROOT" "$PY" bench/disel_overhead.py --device cuda
 
 echo

@@ -6,6 +6,7 @@ on the model's device and show a tqdm progress bar.
 
 import math
 import re
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,11 @@ def parse_answer(text: str):
 
 @torch.no_grad()
 def arithmetic_accuracy(model, tokenizer, problems, batch_size=32, max_new_tokens=40, desc="arithmetic", keep=5):
-    """Greedy decoding, exact match of the parsed answer (see `parse_answer`); returns (accuracy, examples)."""
+    """Greedy decoding, exact match of the parsed answer (see `parse_answer`); returns (accuracy, examples, correct):
+    the first `keep` problems with their generated text, and 1 or 0 for every problem in order."""
     model.eval()
     device = input_device(model)
-    correct, shown = 0, []
+    correct, shown = [], []
     bar = tqdm(total=len(problems), desc=desc, unit="q", leave=False)
     for chunk in batches(problems, batch_size):
         enc = tokenizer([prompt(p.question) for p in chunk], return_tensors="pt", padding=True).to(device)
@@ -53,12 +55,12 @@ def arithmetic_accuracy(model, tokenizer, problems, batch_size=32, max_new_token
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for p, text in zip(chunk, texts):
             ok = parse_answer(text) == p.answer
-            correct += ok
+            correct.append(int(ok))
             if len(shown) < keep:
                 shown.append({"question": p.question, "answer": p.answer, "generated": text, "correct": bool(ok)})
         bar.update(len(chunk))
     bar.close()
-    return correct / max(len(problems), 1), shown
+    return sum(correct) / max(len(problems), 1), shown, correct
 
 
 def text_chunks(tokenizer, text: str, seq_len: int, n_chunks: int) -> torch.Tensor:
@@ -120,3 +122,40 @@ def sentiment_accuracy(model, tokenizer, examples, batch_size=16, desc="sentimen
         pred = ["positive" if p > n else "negative" for p, n in zip(logits[:, pos_id], logits[:, neg_id])]
         correct += sum(p == e.label for p, e in zip(pred, chunk))
     return correct / max(len(examples), 1)
+
+
+def evaluate_model(model, tokenizer, problems, chunks, sentiment, eval_batch_size, recorder=None) -> dict:
+    """Target accuracy on `problems`, perplexity on each retention set of `chunks` and zero-shot sentiment accuracy.
+
+    Args:
+        model: A causal LM or a PeftModel (left-padding tokenizer).
+        tokenizer: Its tokenizer.
+        problems (`list`): The arithmetic problems to answer by greedy decoding.
+        chunks (`dict[str, torch.Tensor]`): The perplexity windows of each retention text (see `text_chunks`).
+        sentiment (`list`): The labelled sentiment examples.
+        eval_batch_size (`int`): The batch of greedy decoding and of sentiment scoring.
+        recorder (`DiselGateRecorder`, *optional*): Records the gates during the retention windows (the
+            out-of-domain split of the gate diagnostics).
+
+    Returns:
+        `dict`: target_acc, n_problems, correct (1/0 per problem, in order), ppl, sentiment_acc, eval_seconds and a
+        few examples.
+    """
+    t0 = time.time()
+    acc, examples, correct = arithmetic_accuracy(model, tokenizer, problems, batch_size=eval_batch_size)
+    if recorder is not None:
+        recorder.set_split("retention text (out-of-domain)")
+        recorder.start()
+    ppl = {name: perplexity(model, c, batch_size=4, desc=f"ppl {name}") for name, c in chunks.items()}
+    if recorder is not None:
+        recorder.stop()
+    sent = sentiment_accuracy(model, tokenizer, sentiment, batch_size=eval_batch_size)
+    return {
+        "target_acc": acc,
+        "n_problems": len(problems),
+        "correct": correct,
+        "ppl": ppl,
+        "sentiment_acc": sent,
+        "eval_seconds": time.time() - t0,
+        "examples": examples,
+    }

@@ -32,6 +32,7 @@ import platform
 import sys
 import time
 import traceback
+import types
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,16 +45,19 @@ sys.path.insert(0, str(HERE))
 from data import DataError, build_data  # noqa: E402
 from device import DEVICE_HELP, describe, pick_device  # noqa: E402
 from model import DEFAULT_MODEL, DemoError, load_model, resolve_model  # noqa: E402
-from run_demo import add_setting_args, evaluate_model, train_config, write_json  # noqa: E402
+from report import write_json  # noqa: E402
+from settings import DataConfig, EvalConfig, TrainConfig, add_arguments, from_args  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 
-# a run's cache key holds its settings, the library versions and a hash of these files; bump CACHE_VERSION when a
-# change elsewhere (run_demo.evaluate_model) changes results
+# a run's cache key holds its settings, the library versions and a hash of the demo modules a run executes
+# (`_code_hash`); bump CACHE_VERSION when something else changes results
 CACHE_VERSION = 1
-CODE_FILES = ("data.py", "device.py", "evaluate.py", "model.py", "train.py")
-LORA_LR = 1e-3  # the demo's LoRA learning rate, the one DISeL's gate ratios are traced at
-N_VAL = 100  # the demo's: the training pool excludes the validation and test problems, so it depends on their number
+LORA_LR = TrainConfig.lr  # the demo's LoRA learning rate, the one DISeL's gate ratios are traced at
+# the demo's: the training pool excludes the validation and test problems, so it depends on their number
+N_VAL = DataConfig.n_val
+# the settings the budget or a point of a curve sets, not the command line
+PER_RUN = ("steps", "lr", "gate_lr_ratio", "seed", "gradient_checkpointing")
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over seeds for the verdict")
     p.add_argument("--no-plots", action="store_true")
-    add_setting_args(p)  # the demo's settings, the same for every run
+    # the demo's settings, the same for every run
+    add_arguments(p, TrainConfig, skip=PER_RUN)
+    add_arguments(p, DataConfig, skip=("n_val", "n_test"))
+    add_arguments(p, EvalConfig)
     args = p.parse_args(argv)
     budget = dict(BUDGETS["quick" if args.quick else "large" if args.large else "default"])
     for key in ("seeds", "steps", "n_test"):
@@ -163,11 +170,31 @@ def _key(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _code_hash() -> str:
+    """A hash of the demo modules a run executes: those `run_job` calls into, and the demo modules they import from."""
+    import data
+    import evaluate
+    import model
+    import train
+
+    files, todo = set(), [data, evaluate, model, train]
+    while todo:
+        module = todo.pop()
+        path = Path(getattr(module, "__file__", None) or "/")
+        if path.parent != HERE or path in files:
+            continue
+        files.add(path)
+        for value in vars(module).values():
+            todo.append(
+                value if isinstance(value, types.ModuleType) else sys.modules.get(getattr(value, "__module__", ""))
+            )
+    return hashlib.sha1(b"".join(p.read_bytes() for p in sorted(files))).hexdigest()[:12]
+
+
 def _versions() -> dict:
     from importlib.metadata import version
 
-    code = hashlib.sha1(b"".join((HERE / f).read_bytes() for f in CODE_FILES)).hexdigest()[:12]
-    return {"code": code, **{pkg: version(pkg) for pkg in ("peft", "torch", "transformers")}}
+    return {"code": _code_hash(), **{pkg: version(pkg) for pkg in ("peft", "torch", "transformers")}}
 
 
 def _default_workers() -> int:
@@ -212,7 +239,7 @@ class Frontier:
         load_data(cache, self.data_spec)  # extracts the data once, before the workers read them
 
     def train_config(self, setting: Setting, seed: int):
-        cfg = train_config(self.args, steps=self.args.budget["steps"], lr=setting.lr, seed=seed)
+        cfg = from_args(TrainConfig, self.args, steps=self.args.budget["steps"], lr=setting.lr, seed=seed)
         if setting.method == "disel":
             cfg = replace(cfg, gate_lr_ratio=setting.gate_lr_ratio, gate_bottleneck_dim=setting.gate_bottleneck_dim)
         return cfg
@@ -328,8 +355,8 @@ def run_job_logged(job: dict) -> dict:
 def run_job(job: dict) -> dict:
     """Train (unless it is the base model) and evaluate one run; its result is written to the job's cache file."""
     import torch
-    from evaluate import text_chunks
-    from train import TrainConfig, train
+    from evaluate import evaluate_model, text_chunks
+    from train import train
 
     torch.set_num_threads(1)
     t0 = time.time()
@@ -342,11 +369,10 @@ def run_job(job: dict) -> dict:
     }
     info = {}
     if "train" in spec:
-        cfg = TrainConfig(**{**spec["train"], "targets": tuple(spec["train"]["targets"])})
+        cfg = TrainConfig(**spec["train"])
         model, info = train(model, tokenizer, data.train, spec["method"], cfg)
         info.pop("losses")
-    args = argparse.Namespace(eval_batch_size=ev["eval_batch_size"])
-    res = evaluate_model(model, tokenizer, data.test, chunks, data.sentiment, args)
+    res = evaluate_model(model, tokenizer, data.test, chunks, data.sentiment, ev["eval_batch_size"])
     res.update(info)
     res.update(spec=spec, wall_seconds=time.time() - t0)
     write_json(Path(job["path"]), res)
@@ -354,7 +380,8 @@ def run_job(job: dict) -> dict:
 
 
 def run(args) -> int:
-    from report import frontier_summary, frontier_table, plot_frontier, verdict_lines
+    from frontier_stats import frontier_summary
+    from report import frontier_table, plot_frontier, verdict_lines
 
     t_start = time.time()
     budget = args.budget

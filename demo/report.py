@@ -1,21 +1,23 @@
-"""The demo's outputs: the comparison table and the gain-vs-retention plot."""
+"""The outputs of the demo and the frontier: tables, verdict lines, plots and result files (the frontier's statistics
+are in frontier_stats.py)."""
 
-import itertools
+import json
 import os
-import random
-import statistics
 import textwrap
+from pathlib import Path
 
 from data import DataError
+from frontier_stats import relative_ppl_change
 
 
 RETENTION_SETS = ("pydoc", "licences", "english")
 
 
-def relative_ppl_change(result: dict, base: dict) -> float:
-    """Mean relative perplexity change (%) over the retention evaluation sets, versus the base model."""
-    changes = [100.0 * (result["ppl"][k] / base["ppl"][k] - 1.0) for k in base["ppl"]]
-    return sum(changes) / len(changes)
+def write_json(path: Path, obj):
+    """Write `obj` to `path` as indented JSON, atomically (a reader never sees half a file)."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
 
 
 def fmt_params(n: int) -> str:
@@ -109,102 +111,6 @@ CURVE_STYLE = {
     "DoRA": ("tab:green", "v", ""),
 }
 REFERENCE = ("DISeL gate lr ratio", "x5")  # the paper's default, at the demo's LoRA learning rate
-MIN_INSIDE = 0.9  # an interval only if the point is inside LoRA's accuracy range in this share of the resamples
-
-
-def _mean_sd(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def pareto(curve):
-    """The points of `curve` ([(accuracy, cost), ...]) that no other point beats on both (higher or equal accuracy at
-    lower or equal cost), sorted by accuracy: along them, cost rises with accuracy."""
-    keep = [(a, c) for a, c in curve if not any((a2 >= a and c2 <= c) and (a2, c2) != (a, c) for a2, c2 in curve)]
-    return sorted(set(keep))
-
-
-def interpolate_cost(curve, acc):
-    """The cost at accuracy `acc`, linear between the Pareto points of `curve` ([(accuracy, cost), ...]); None outside
-    the accuracy range they cover (no extrapolation)."""
-    pts = pareto(curve)
-    if not pts or acc < pts[0][0] or acc > pts[-1][0]:
-        return None
-    for (a0, c0), (a1, c1) in itertools.pairwise(pts):
-        if a0 <= acc <= a1:
-            return c0 + (c1 - c0) * (acc - a0) / (a1 - a0)
-    return pts[0][1]  # a single point, at exactly its accuracy
-
-
-def _ratio(cost, lora_cost):
-    return cost / lora_cost if lora_cost is not None and lora_cost > 0 else None
-
-
-def frontier_summary(base, runs, settings, seeds, n_boot=2000, boot_seed=0):
-    """Per point: accuracy and retention cost (mean perplexity change vs base, %) per seed, their mean and standard
-    deviation. For every point that is not LoRA's: LoRA's cost at the same accuracy (interpolated along the Pareto
-    points of LoRA's mean curve), the ratio and the difference, the LoRA points that beat it or that it beats on both
-    axes, and a 5-95% range of the ratio over bootstrap resamples of the seeds (each point's seeds drawn with
-    replacement, LoRA's curve included)."""
-    points = []
-    for s in settings:
-        rs = [runs[(s, seed)] for seed in seeds]
-        acc = [100 * r["target_acc"] for r in rs]
-        cost = [relative_ppl_change(r, base) for r in rs]
-        p = {"curve": s.curve, "knob": s.knob, "method": s.method, "lr": s.lr, "gate_lr_ratio": s.gate_lr_ratio}
-        p.update(gate_bottleneck_dim=s.gate_bottleneck_dim, seeds=list(seeds), acc=acc, cost=cost)
-        p["run"] = [s.method, s.lr, s.gate_lr_ratio, s.gate_bottleneck_dim]  # the same runs may be on two curves
-        p["acc_mean"], p["acc_sd"] = _mean_sd(acc)
-        p["cost_mean"], p["cost_sd"] = _mean_sd(cost)
-        p["ppl_mean"] = {k: _mean_sd([r["ppl"][k] for r in rs])[0] for k in base["ppl"]}
-        p["sentiment_mean"] = _mean_sd([100 * r["sentiment_acc"] for r in rs])[0]
-        p["train_seconds_mean"] = _mean_sd([r.get("train_seconds", 0.0) for r in rs])[0]
-        points.append(p)
-    lora = [p for p in points if p["curve"] == "LoRA lr"]
-    others = [p for p in points if p["curve"] != "LoRA lr"]
-    lora_curve = [(p["acc_mean"], p["cost_mean"]) for p in lora]
-    for p in others:
-        p["lora_cost"] = interpolate_cost(lora_curve, p["acc_mean"])
-        p["ratio"] = _ratio(p["cost_mean"], p["lora_cost"])
-        p["cost_diff"] = None if p["lora_cost"] is None else p["cost_mean"] - p["lora_cost"]
-        a, c = p["acc_mean"], p["cost_mean"]
-        p["beaten_by"] = [q["knob"] for q in lora if q["acc_mean"] >= a and q["cost_mean"] <= c]
-        p["beats"] = [q["knob"] for q in lora if a >= q["acc_mean"] and c <= q["cost_mean"]]
-    rng = random.Random(boot_seed)
-    n = len(seeds)
-    n_boot = n_boot if n > 1 else 0
-    draws = {id(p): [] for p in others}
-    for _ in range(n_boot):
-        means = {}
-        for p in points:
-            if str(p["run"]) not in means:
-                idx = [rng.randrange(n) for _ in range(n)]
-                means[str(p["run"])] = (sum(p["acc"][i] for i in idx) / n, sum(p["cost"][i] for i in idx) / n)
-        curve = [means[str(p["run"])] for p in lora]
-        for p in others:
-            a, c = means[str(p["run"])]
-            draws[id(p)].append(_ratio(c, interpolate_cost(curve, a)))
-    for p in others:
-        d = draws[id(p)]
-        inside = sorted(r for r in d if r is not None)
-        p["boot_inside"] = len(inside) / len(d) if d else None
-        p["ratio_lo"] = p["ratio_hi"] = None
-        if d and len(inside) >= MIN_INSIDE * len(d):
-            p["ratio_lo"] = inside[round(0.05 * (len(inside) - 1))]
-            p["ratio_hi"] = inside[round(0.95 * (len(inside) - 1))]
-    front = pareto(lora_curve)  # the accuracies interpolate_cost covers
-    acc_range = (front[0][0], front[-1][0]) if front else None
-    n_test = base.get("n_problems") or 0
-    acc = base["target_acc"] if not lora else max(p["acc_mean"] for p in lora) / 100
-    return {
-        "base": {"target_acc": 100 * base["target_acc"], "ppl": base["ppl"], "sentiment": 100 * base["sentiment_acc"]},
-        "points": points,
-        "lora_acc_range": acc_range,
-        "n_seeds": n,
-        "n_boot": n_boot,
-        "n_test": n_test,
-        # the test set's own sampling error of an accuracy near LoRA's best, which seed resampling does not see
-        "acc_se": 100 * (acc * (1 - acc) / n_test) ** 0.5 if n_test else None,
-    }
 
 
 def _fmt_ratio(p):
@@ -250,7 +156,8 @@ def verdict_lines(summary) -> list[str]:
     disel = [p for p in pts if p["method"] == "disel"]  # each run once, on the first curve it belongs to
     lo, hi = summary["lora_acc_range"] or (float("nan"), float("nan"))
     several = summary["n_seeds"] > 1
-    interval = "[5-95% over seed resamples]" if several else "(one seed: no interval)"
+    resampled = summary.get("resampled", ["seed"] if several else [])
+    interval = f"[5-95% over {' and '.join(resampled)} resamples]" if resampled else "(one seed: no interval)"
     lines = []
     ref = next((p for p in disel if (p["curve"], p["knob"]) == REFERENCE), None)
     if ref is not None and ref["ratio"] is not None:
@@ -275,18 +182,24 @@ def verdict_lines(summary) -> list[str]:
         lines.append(
             f"DISeL points compared (inside LoRA's accuracy range {lo:.1f}-{hi:.1f}%): {len(inside)} of {len(disel)}, "
             f"cost ratio {min(ratios):.2f} to {max(ratios):.2f}; below LoRA's curve at {len(below)} of {len(inside)}"
-            + (f", with the whole seed-resample range below 1 at {len(sure)}" if several else " (one seed)")
+            + (
+                f", with the whole {'seed-' if resampled == ['seed'] else ''}resample range below 1 at {len(sure)}"
+                if resampled
+                else " (one seed)"
+            )
             + "."
         )
-        weak = [p for p in inside if p["ratio"] >= 1 or (several and (p["ratio_hi"] is None or p["ratio_hi"] >= 1))]
+        weak = [p for p in inside if p["ratio"] >= 1 or (resampled and (p["ratio_hi"] is None or p["ratio_hi"] >= 1))]
         if weak:
             lines.append(
                 "DISeL does not clearly dominate LoRA at: "
                 + "; ".join(f"{_name(p)} (ratio {_fmt_ratio(p)})" for p in weak)
                 + "."
             )
-        elif several:
-            lines.append("DISeL dominates LoRA at every compared DISeL point, over the seed resamples.")
+        elif resampled:
+            lines.append(
+                f"DISeL dominates LoRA at every compared DISeL point, over the {' and '.join(resampled)} resamples."
+            )
     for p in disel:
         if p["ratio"] is None:
             extra = _against_points(p)
@@ -300,13 +213,21 @@ def verdict_lines(summary) -> list[str]:
         if p["method"] != "disel":
             where = f"cost ratio {_fmt_ratio(p)}" if p["ratio"] is not None else _no_ratio(p)
             lines.append(f"{_name(p)}: {p['acc_mean']:.1f}% at cost {p['cost_mean']:+.1f}% ({where}).")
-    if several:
-        se = summary["acc_se"]
+    se = summary["acc_se"]
+    test_error = f", about {se:.1f} accuracy points (binomial, {summary['n_test']} problems)," if se else ""
+    if "test-problem" in resampled:
+        lines.append(
+            f"Uncertainty: the ranges resample the {summary['n_test']} test problems (the same draw for every run) and "
+            f"the {summary['n_seeds']} training seed(s), so they hold the fixed test set's own sampling error"
+            + test_error.rstrip(",")
+            + "."
+        )
+    elif several:
         lines.append(
             f"Uncertainty: the ranges resample the {summary['n_seeds']} training seeds only (with few seeds they are "
             f"coarse and narrow); the fixed test set's own sampling error"
-            + (f", about {se:.1f} accuracy points (binomial, {summary['n_test']} problems)," if se else "")
-            + " is not in them."
+            + test_error
+            + " is not in them (these runs carry no per-problem results to resample)."
         )
     return lines
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))
 
 from data import DataError, build_data  # noqa: E402
 from device import DEVICE_HELP, describe, peak_memory_mib, pick_device, reset_peak_memory  # noqa: E402
+from evaluate import evaluate_model  # noqa: E402
 from model import (  # noqa: E402
     DEFAULT_MODEL,
     QUANTIZE,
@@ -46,20 +47,15 @@ from model import (  # noqa: E402
     reset_peak_rss,
     resolve_model,
 )
-
-
-def parse_layers(text: str):
-    """'all', 'a-b' (inclusive) or a comma list of layer indices."""
-    if text in ("all", ""):
-        return None
-    out = []
-    for part in text.split(","):
-        if "-" in part:
-            a, b = part.split("-")
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
-    return sorted(set(out))
+from settings import (  # noqa: E402
+    METHODS,
+    DataConfig,
+    EvalConfig,
+    TrainConfig,
+    add_arguments,
+    format_layers,
+    from_args,
+)
 
 
 def parse_args(argv=None):
@@ -76,25 +72,13 @@ def parse_args(argv=None):
         default="none",
         help="QLoRA: load the base in 4-bit (nf4, float32 compute) or 8-bit with bitsandbytes (default: none, float32)",
     )
+    p.add_argument("--methods", default="lora,disel", help=f"comma list of {', '.join(METHODS)} (default: lora,disel)")
+    # an alias kept for the commands of earlier READMEs
     p.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="with --quantize: gradient checkpointing (prepare_model_for_kbit_training's default; off here, as the "
-        "activations of short problems are small and it costs time)",
+        "--with-dora", dest="methods", action="store_const", const="lora,disel,dora", help=argparse.SUPPRESS
     )
-    p.add_argument("--steps", type=int, default=80, help="optimizer steps per method")
-    p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate, the same for every method")
-    p.add_argument("--gate-lr-ratio", type=float, default=5.0, help="DISeL gate lr / LoRA lr (paper: 5)")
-    p.add_argument("--methods", default="lora,disel", help="comma list of lora, disel, dora")
-    p.add_argument("--with-dora", action="store_true", help="also fine-tune DoRA (use_dora=True) as a reference")
-    p.add_argument("--n-val", type=int, default=100)
-    p.add_argument("--n-test", type=int, default=150)
     p.add_argument("--eval-on", choices=("test", "val"), default="test", help="'val' for tuning (see above)")
     p.add_argument("--results-name", default=None, help="results file name (default results.json / val_results.json)")
-    p.add_argument(
-        "--seed", type=int, default=0, help="training seed: adapter init and the order of training problems"
-    )
-    add_setting_args(p)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--threads",
@@ -103,45 +87,9 @@ def parse_args(argv=None):
         help="torch threads (default 1, robust on a shared CPU; 0: measure 1 vs all cores before each phase)",
     )
     p.add_argument("--no-plots", action="store_true")
+    for cls in (TrainConfig, DataConfig, EvalConfig):
+        add_arguments(p, cls)
     return p.parse_args(argv)
-
-
-def add_setting_args(p):
-    """The settings the demo and the frontier (demo/frontier.py) share: adapter, batch, data and evaluation sets."""
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=int, default=None, help="lora_alpha (default: 2 x rank)")
-    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    p.add_argument("--layers", default="20-29", help="layers to adapt: 'all', 'a-b' or '0,3,5' (default: top 10)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--gate-bias", type=float, default=-3.0, help="DISeL gate bias init (paper: -3)")
-    p.add_argument("--n-train", type=int, default=2000, help="training problems (a pool; steps x batch are drawn)")
-    p.add_argument("--n-sentiment", type=int, default=100)
-    p.add_argument("--ppl-chunks", type=int, default=4, help="windows per retention text")
-    p.add_argument("--ppl-seq-len", type=int, default=256)
-    p.add_argument("--eval-batch-size", type=int, default=25)
-    p.add_argument(
-        "--data-seed",
-        type=int,
-        default=0,
-        help="seed of the problem sets and of the retention and sentiment samples (the same for every training seed)",
-    )
-
-
-def train_config(args, **run):
-    """The TrainConfig of `add_setting_args`' settings; `run` gives the rest (steps, lr, seed, ...)."""
-    from train import TrainConfig
-
-    return TrainConfig(
-        rank=args.rank,
-        alpha=args.alpha or 2 * args.rank,
-        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-        layers=parse_layers(args.layers),
-        batch_size=args.batch_size,
-        weight_decay=args.weight_decay,
-        gate_bias_init=args.gate_bias,
-        **run,
-    )
 
 
 def output_dir(args) -> Path:
@@ -152,28 +100,6 @@ def output_dir(args) -> Path:
 
 def log(msg):
     print(msg, flush=True)
-
-
-def evaluate_model(model, tokenizer, problems, chunks, sentiment, args, recorder=None):
-    from evaluate import arithmetic_accuracy, perplexity, sentiment_accuracy
-
-    t0 = time.time()
-    acc, examples = arithmetic_accuracy(model, tokenizer, problems, batch_size=args.eval_batch_size)
-    if recorder is not None:  # the retention windows are the out-of-domain split of the gate diagnostics
-        recorder.set_split("retention text (out-of-domain)")
-        recorder.start()
-    ppl = {name: perplexity(model, c, batch_size=4, desc=f"ppl {name}") for name, c in chunks.items()}
-    if recorder is not None:
-        recorder.stop()
-    sent = sentiment_accuracy(model, tokenizer, sentiment, batch_size=args.eval_batch_size)
-    return {
-        "target_acc": acc,
-        "n_problems": len(problems),
-        "ppl": ppl,
-        "sentiment_acc": sent,
-        "eval_seconds": time.time() - t0,
-        "examples": examples,
-    }
 
 
 def record_in_domain(recorder, model, tokenizer, problems, batch_size):
@@ -214,180 +140,219 @@ def write_json(path: Path, obj):
     tmp.replace(path)
 
 
-def run(args) -> int:
-    import torch
-    from evaluate import text_chunks
-    from report import plot_gain_vs_retention, table
-    from train import METHODS, train
+class Demo:
+    """One `make demo` run: the base model's evaluation, then each method trained on a fresh copy and evaluated.
 
-    t_start = time.time()
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads_used = []
+    Args:
+        args (`argparse.Namespace`): The parsed command line (see `parse_args`).
+    """
 
-    def pick_threads(model, phase):
-        # the CPU's thread count; on an accelerator the host threads only launch its kernels
-        n = args.threads or (choose_threads(model) if device.type == "cpu" else torch.get_num_threads())
-        threads_used.append((phase, n))
+    def __init__(self, args):
+        import torch
+        from evaluate import text_chunks
+
+        self.args = args
+        self.t_start = time.time()
+        self.device = pick_device(args.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.threads_used = []
+        self.quantize = None if args.quantize == "none" else args.quantize
+        self.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise DemoError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
+        self.val_mode = args.eval_on == "val"
+        self.prefix = "val_" if self.val_mode else ""
+        self.out = output_dir(args)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.out / (args.results_name or f"{self.prefix}results.json")
+        self.base_tag = f", {self.quantize} base (QLoRA)" if self.quantize else ""
+
+        cache = Path(args.out)  # the converted model and the data, shared by all modes
+        self.model_path = resolve_model(args.model, cache / "smollm2", log=log)
+        self.data_config, self.eval_config = from_args(DataConfig, args), from_args(EvalConfig, args)
+        d = self.data_config
+        self.data = build_data(
+            cache / "data", cache / "downloads", d.n_train, d.n_val, d.n_test, d.n_sentiment, d.data_seed, log=log
+        )
+        self.cfg = from_args(
+            TrainConfig, args, quantized=self.quantize is not None, gradient_checkpointing=args.gradient_checkpointing
+        )
+        self.reset_peaks()  # the base row's peak memory: loading and evaluating the base model
+        self.model, self.tokenizer = load_model(self.model_path, self.quantize, self.device)
+        self.check_layers(self.model)
+        data = self.data
+        if self.val_mode:
+            self.problems, texts, self.sentiment = data.val, data.retention_val, data.sentiment_val
+        else:
+            self.problems, texts, self.sentiment = data.test, data.retention_eval, data.sentiment
+        e = self.eval_config
+        self.chunks = {k: text_chunks(self.tokenizer, v, e.ppl_seq_len, e.ppl_chunks) for k, v in texts.items()}
+        self.results = {}
+        self.meta = self.describe(torch)
+        self.report = {"meta": self.meta, "results": self.results}
+
+    def check_layers(self, model):
+        n_layers = getattr(model.config, "num_hidden_layers", None)
+        layers = self.cfg.layers
+        if layers is not None and n_layers is not None and any(i >= n_layers for i in layers):
+            raise DemoError(
+                f"--layers {format_layers(layers)}: the model has only {n_layers} layers (0..{n_layers - 1})."
+            )
+
+    def describe(self, torch) -> dict:
+        """The run's metadata for results.json."""
+        args = self.args
+        return {
+            "complete": False,
+            "eval_on": args.eval_on,
+            "model": args.model,
+            "model_path": self.model_path,
+            "quantize": args.quantize,
+            "base_params": self.model.num_parameters(),  # counts 4-bit weights unpacked
+            "train_config": asdict(self.cfg),
+            "data": self.data.summary(),
+            "eval": {
+                "problems": len(self.problems),
+                "ppl_sets": {k: list(v.shape) for k, v in self.chunks.items()},
+                "sentiment": len(self.sentiment),
+            },
+            "args": vars(args),
+            "machine": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "cpus": os.cpu_count(),
+                "device": describe(self.device),
+            },
+        }
+
+    def pick_threads(self, model, phase) -> int:
+        """The torch threads of a phase: the CPU's count; on an accelerator the host threads only launch kernels."""
+        import torch
+
+        n = self.args.threads or (choose_threads(model) if self.device.type == "cpu" else torch.get_num_threads())
+        self.threads_used.append((phase, n))
         return n
 
-    def reset_peaks():
+    def reset_peaks(self):
         reset_peak_rss()
-        reset_peak_memory(device)
+        reset_peak_memory(self.device)
 
-    def record_peaks(res):
+    def record_peaks(self, res):
         res["peak_rss_mib"] = peak_rss_mib()
-        if device.type == "cuda":
-            res["peak_gpu_mib"] = peak_memory_mib(device)
+        if self.device.type == "cuda":
+            res["peak_gpu_mib"] = peak_memory_mib(self.device)
 
-    cache = Path(args.out)  # the converted model and the data, shared by all modes
-    out = output_dir(args)
-    out.mkdir(parents=True, exist_ok=True)
-    quantize = None if args.quantize == "none" else args.quantize
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.with_dora and "dora" not in methods:
-        methods.append("dora")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise DemoError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
-    val_mode = args.eval_on == "val"
-    results_path = out / (args.results_name or ("val_results.json" if val_mode else "results.json"))
-    prefix = "val_" if val_mode else ""
+    def evaluate(self, model, recorder=None) -> dict:
+        return evaluate_model(
+            model,
+            self.tokenizer,
+            self.problems,
+            self.chunks,
+            self.sentiment,
+            self.eval_config.eval_batch_size,
+            recorder=recorder,
+        )
 
-    model_path = resolve_model(args.model, cache / "smollm2", log=log)
-    data = build_data(
-        cache / "data",
-        cache / "downloads",
-        args.n_train,
-        args.n_val,
-        args.n_test,
-        args.n_sentiment,
-        args.data_seed,
-        log=log,
-    )
-    cfg = train_config(
-        args,
-        steps=args.steps,
-        lr=args.lr,
-        gate_lr_ratio=args.gate_lr_ratio,
-        seed=args.seed,
-        quantized=quantize is not None,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
-    reset_peaks()  # the base row's peak memory: loading and evaluating the base model
-    model, tokenizer = load_model(model_path, quantize, device)
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    if cfg.layers is not None and n_layers is not None:
-        too_big = [i for i in cfg.layers if i >= n_layers]
-        if too_big:
-            raise DemoError(f"--layers {args.layers}: the model has only {n_layers} layers (0..{n_layers - 1}).")
-    if val_mode:
-        problems, texts, sentiment = data.val, data.retention_val, data.sentiment_val
-    else:
-        problems, texts, sentiment = data.test, data.retention_eval, data.sentiment
-    chunks = {k: text_chunks(tokenizer, v, args.ppl_seq_len, args.ppl_chunks) for k, v in texts.items()}
+    def finish_row(self, name, res, t0):
+        res["wall_seconds"] = time.time() - t0
+        self.record_peaks(res)
+        self.results[name] = res
+        _print_row(name, res)
+        write_json(self.results_path, self.report)
 
-    meta = {
-        "complete": False,
-        "eval_on": args.eval_on,
-        "model": args.model,
-        "model_path": model_path,
-        "quantize": args.quantize,
-        "base_params": model.num_parameters(),  # counts 4-bit weights unpacked
-        "train_config": asdict(cfg),
-        "data": data.summary(),
-        "eval": {
-            "problems": len(problems),
-            "ppl_sets": {k: list(v.shape) for k, v in chunks.items()},
-            "sentiment": len(sentiment),
-        },
-        "args": vars(args),
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "device": describe(device),
-        },
-    }
-    results = {}
-    report = {"meta": meta, "results": results}
-    log(
-        f"model {args.model} ({meta['base_params'] / 1e6:.1f}M params), {len(methods)} method(s): {', '.join(methods)}; "
-        f"r={cfg.rank}, targets={','.join(cfg.targets)}, layers={args.layers}, {cfg.steps} steps x {cfg.batch_size}, "
-        f"lr={cfg.lr:g}; base weights {quantize or 'float32'}; evaluating on {args.eval_on} data; device "
-        f"{meta['machine']['device']}"
-    )
-
-    log(f"[base] evaluating the pretrained model ({pick_threads(model, 'base eval')} thread(s)) ...")
-    t0 = time.time()
-    results["base"] = evaluate_model(model, tokenizer, problems, chunks, sentiment, args)
-    results["base"]["wall_seconds"] = time.time() - t0
-    record_peaks(results["base"])
-    del model
-    _print_row("base", results["base"])
-    write_json(results_path, report)
-
-    gate_png = None
-    base_tag = f", {quantize} base (QLoRA)" if quantize else ""
-    for method in methods:
-        # a fresh copy of the base weights for every method; the peak memory of each method counts from before loading
-        reset_peaks()
-        model, tokenizer = load_model(model_path, quantize, device)
+    def run_base(self):
+        log(f"[base] evaluating the pretrained model ({self.pick_threads(self.model, 'base eval')} thread(s)) ...")
         t0 = time.time()
-        log(f"[{method}] fine-tuning ({pick_threads(model, method + ' train')} thread(s)) ...")
-        peft_model, info = train(model, tokenizer, data.train, method, cfg, desc=f"train {method}")
+        res = self.evaluate(self.model)
+        self.model = None
+        self.finish_row("base", res, t0)
+
+    def run_method(self, method):
+        """Train `method` on a fresh copy of the base weights (its peak memory counts from before loading), evaluate
+        it; for DISeL also record and plot the gates. Returns the gate plot's path, if any."""
+        from train import train
+
+        self.reset_peaks()
+        model, self.tokenizer = load_model(self.model_path, self.quantize, self.device)
+        t0 = time.time()
+        log(f"[{method}] fine-tuning ({self.pick_threads(model, method + ' train')} thread(s)) ...")
+        peft_model, info = train(model, self.tokenizer, self.data.train, method, self.cfg, desc=f"train {method}")
         recorder = None
         if method == "disel":
             from peft.tuners.lora.disel_diagnostics import DiselGateRecorder
 
             recorder = DiselGateRecorder(peft_model, threshold=0.5, bins=20)
-            record_in_domain(recorder, peft_model, tokenizer, data.val[:64], args.eval_batch_size)
-        log(f"[{method}] evaluating ({pick_threads(peft_model, method + ' eval')} thread(s)) ...")
-        res = evaluate_model(peft_model, tokenizer, problems, chunks, sentiment, args, recorder=recorder)
+            record_in_domain(
+                recorder, peft_model, self.tokenizer, self.data.val[:64], self.eval_config.eval_batch_size
+            )
+        log(f"[{method}] evaluating ({self.pick_threads(peft_model, method + ' eval')} thread(s)) ...")
+        res = self.evaluate(peft_model, recorder=recorder)
         res.update(info)
-        res["wall_seconds"] = time.time() - t0
-        record_peaks(res)
-        if recorder is not None:
-            stats = recorder.stats()
-            res["gates"] = gate_summary(stats)
-            (out / f"{prefix}disel_gates.json").write_text(json.dumps(stats.to_dict(), default=_tolist))
-            if not args.no_plots:
-                from peft.tuners.lora.disel_diagnostics import plot_disel_gates
+        gate_png = self.gates(recorder, res) if recorder is not None else None
+        self.finish_row(method, res, t0)
+        return gate_png
 
-                gate_png = plot_disel_gates(
-                    stats,
-                    out / f"{prefix}disel_gates.png",
-                    title=f"DISeL gate openings after fine-tuning ({args.model}{base_tag}, r={cfg.rank})",
-                )
-        results[method] = res
-        _print_row(method, res)
-        write_json(results_path, report)
-        del peft_model, model
+    def gates(self, recorder, res):
+        """The DISeL gate statistics into `res` and {prefix}disel_gates.json, and their plot (its path, or None)."""
+        stats = recorder.stats()
+        res["gates"] = gate_summary(stats)
+        (self.out / f"{self.prefix}disel_gates.json").write_text(json.dumps(stats.to_dict(), default=_tolist))
+        if self.args.no_plots:
+            return None
+        from peft.tuners.lora.disel_diagnostics import plot_disel_gates
 
-    meta["complete"] = True
-    meta["machine"]["threads_per_phase"] = threads_used
-    meta["total_wall_seconds"] = time.time() - t_start
-    plot_png = None
-    if not args.no_plots:
-        plot_png = plot_gain_vs_retention(
-            results,
-            str(out / f"{prefix}gain_vs_retention.png"),
+        title = f"DISeL gate openings after fine-tuning ({self.args.model}{self.base_tag}, r={self.cfg.rank})"
+        return plot_disel_gates(stats, self.out / f"{self.prefix}disel_gates.png", title=title)
+
+    def plot(self):
+        from report import plot_gain_vs_retention
+
+        if self.args.no_plots:
+            return None
+        cfg = self.cfg
+        return plot_gain_vs_retention(
+            self.results,
+            str(self.out / f"{self.prefix}gain_vs_retention.png"),
             title=(
-                f"{args.model}{base_tag}: {cfg.steps} steps x {cfg.batch_size}, r={cfg.rank}, lr={cfg.lr:g} "
-                f"(DISeL: gate bias {cfg.gate_bias_init:g}, gate lr x{cfg.gate_lr_ratio:g}); {args.eval_on} data"
+                f"{self.args.model}{self.base_tag}: {cfg.steps} steps x {cfg.batch_size}, r={cfg.rank}, lr={cfg.lr:g} "
+                f"(DISeL: gate bias {cfg.gate_bias_init:g}, gate lr x{cfg.gate_lr_ratio:g}); {self.args.eval_on} data"
             ),
         )
-    meta["plots"] = {"gain_vs_retention": plot_png, "disel_gates": gate_png}
-    write_json(results_path, report)
-    log("")
-    log(table(results))
-    log("")
-    log(f"total wall time {meta['total_wall_seconds']:.0f} s on {meta['machine']['device']}; results: {results_path}")
-    for name, path in meta["plots"].items():
-        if path:
-            log(f"{name} plot: {path}")
-    return 0
+
+    def run(self) -> int:
+        from report import table
+
+        cfg, meta = self.cfg, self.meta
+        log(
+            f"model {self.args.model} ({meta['base_params'] / 1e6:.1f}M params), {len(self.methods)} method(s): "
+            f"{', '.join(self.methods)}; r={cfg.rank}, targets={','.join(cfg.targets)}, "
+            f"layers={format_layers(cfg.layers)}, {cfg.steps} steps x {cfg.batch_size}, lr={cfg.lr:g}; base weights "
+            f"{self.quantize or 'float32'}; evaluating on {self.args.eval_on} data; device {meta['machine']['device']}"
+        )
+        self.run_base()
+        gate_png = None
+        for method in self.methods:
+            gate_png = self.run_method(method) or gate_png
+        meta["complete"] = True
+        meta["machine"]["threads_per_phase"] = self.threads_used
+        meta["total_wall_seconds"] = time.time() - self.t_start
+        meta["plots"] = {"gain_vs_retention": self.plot(), "disel_gates": gate_png}
+        write_json(self.results_path, self.report)
+        log("")
+        log(table(self.results))
+        log("")
+        total = meta["total_wall_seconds"]
+        log(f"total wall time {total:.0f} s on {meta['machine']['device']}; results: {self.results_path}")
+        for name, path in meta["plots"].items():
+            if path:
+                log(f"{name} plot: {path}")
+        return 0
+
+
+def run(args) -> int:
+    return Demo(args).run()
 
 
 def _tolist(x):

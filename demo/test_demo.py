@@ -397,7 +397,7 @@ def _fake_run(acc, cost_percent):
 def _summary(disel_points, lora_points=((10, 10), (20, 20), (30, 30)), spread=0.0):
     """A frontier summary from made-up runs: two seeds per point, at (acc, cost) +- `spread`."""
     from frontier import LORA_LR, Setting
-    from report import frontier_summary
+    from frontier_stats import frontier_summary
 
     lora = [Setting("LoRA lr", "lora", lr) for lr in (2.5e-4, 5e-4, 1e-3)][: len(lora_points)]
     disel = [Setting("DISeL gate lr ratio", "disel", LORA_LR, float(g)) for g in (1, 5, 10)][: len(disel_points)]
@@ -410,7 +410,8 @@ def _summary(disel_points, lora_points=((10, 10), (20, 20), (30, 30)), spread=0.
 
 
 def test_frontier_verdict_interpolates_along_loras_curve():
-    from report import interpolate_cost, verdict_lines
+    from frontier_stats import interpolate_cost
+    from report import verdict_lines
 
     assert interpolate_cost([(10, 10), (30, 50)], 20) == pytest.approx(30)
     assert interpolate_cost([(30, 50), (10, 10)], 10) == pytest.approx(10)
@@ -437,7 +438,7 @@ def test_frontier_verdict_says_when_disel_does_not_dominate():
     assert any("at least as accurate as LoRA at lr 0.00025, lr 0.0005, lr 0.001, at no more cost" in x for x in lines)
     # one seed: a ratio without an interval, and the output says so
     from frontier import Setting
-    from report import frontier_summary
+    from frontier_stats import frontier_summary
 
     lora = [Setting("LoRA lr", "lora", 1e-3), Setting("LoRA lr", "lora", 2e-3)]
     ref = Setting("DISeL gate lr ratio", "disel", 1e-3, 5.0)
@@ -450,7 +451,7 @@ def test_frontier_verdict_says_when_disel_does_not_dominate():
 def test_frontier_compares_with_loras_pareto_points_only():
     """A LoRA setting that another beats on both axes (here the highest learning rate: less accurate, more costly)
     is not part of the curve DISeL is compared with."""
-    from report import interpolate_cost, pareto
+    from frontier_stats import interpolate_cost, pareto
 
     assert pareto([(10, 10), (30, 30), (20, 40)]) == [(10, 10), (30, 30)]
     assert interpolate_cost([(10, 10), (30, 30), (20, 40)], 25) == pytest.approx(25)

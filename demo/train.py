@@ -11,7 +11,6 @@ On a bitsandbytes 4-bit/8-bit base (QLoRA), the model first goes through `peft.p
 import math
 import random
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,30 +18,8 @@ from data import prompt, target
 from device import input_device
 from evaluate import position_ids
 from model import DemoError
+from settings import METHODS, TrainConfig
 from tqdm.auto import tqdm
-
-
-METHODS = ("lora", "disel", "dora")
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class TrainConfig:
-    rank: int = 8
-    alpha: int = 16
-    targets: tuple = ALL_TARGETS
-    layers: list = None  # layer indices to adapt; None: all
-    steps: int = 60
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: float = 0.1
-    gate_bias_init: float = -3.0
-    gate_lr_ratio: float = 5.0
-    gate_bottleneck_dim: int | None = None  # DISeL's low-rank gate (DiselConfig.gate_bottleneck_dim)
-    seed: int = 0
-    quantized: bool = False  # a bitsandbytes base: prepare_model_for_kbit_training before adding the adapter
-    gradient_checkpointing: bool = False  # on a quantized base only (prepare_model_for_kbit_training's option)
 
 
 def lora_config(method: str, cfg: TrainConfig):
@@ -53,7 +30,7 @@ def lora_config(method: str, cfg: TrainConfig):
         "lora_alpha": cfg.alpha,
         "lora_dropout": 0.0,
         "target_modules": list(cfg.targets),
-        "layers_to_transform": cfg.layers,
+        "layers_to_transform": None if cfg.layers is None else list(cfg.layers),
         "task_type": "CAUSAL_LM",
     }
     if method == "disel":

@@ -515,7 +515,8 @@ def plot_disel_gates(
         fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
 
     if module_types:
-        hist_grid = grid[1:].subgridspec(hist_rows, hist_cols)
+        # tight_layout does not space the rows of a nested grid: room for each row's titles and the x labels above
+        hist_grid = grid[1:].subgridspec(hist_rows, hist_cols, hspace=0.6)
         edges = stats.bin_edges.numpy()
         centers = (edges[:-1] + edges[1:]) / 2
         for i, (module_type, hists) in enumerate(module_types.items()):
