@@ -36,7 +36,7 @@ def our_test_files():
     the integration tests of integration/ (TRL, DDP/FSDP2 launches; lm-eval's is skipped unless DISEL_LM_EVAL=1)."""
     return (
         sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py"))
-        + [str(ROOT / "demo/test_demo.py")]
+        + sorted(str(p) for p in (ROOT / "demo").glob("test_*.py"))
         + sorted(str(p) for p in (ROOT / "integration").glob("test_*.py"))
     )
 
