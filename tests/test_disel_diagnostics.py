@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.disel_diagnostics import (
@@ -28,6 +28,8 @@ from peft.tuners.lora.disel_diagnostics import (
     DiselGateStats,
     plot_disel_gates,
 )
+
+from .test_disel import tiny_llama
 
 
 class MLP(nn.Module):
@@ -50,20 +52,6 @@ class EmbConv(nn.Module):
 
     def forward(self, ids, image):
         return self.emb(ids).sum(), self.conv(image)
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
 
 
 def disel_mlp(**kwargs):
