@@ -67,6 +67,8 @@ def axolotl_env() -> dict:
         "CUDA_VISIBLE_DEVICES": "",
         "AXOLOTL_DO_NOT_TRACK": "1",
         "WANDB_MODE": "disabled",
+        # `axolotl train` starts `accelerate launch` from PATH, as in an activated venv
+        "PATH": os.pathsep.join([str(AXOLOTL.parent), os.environ.get("PATH", "")]),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
     }
     return env

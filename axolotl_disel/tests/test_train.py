@@ -25,6 +25,10 @@ def test_optimizer_groups(trained):
     alone in a group at disel_gate_lr_ratio x lr without weight decay."""
     out, log = trained
     record = json.loads((out / "probe" / "optimizer.json").read_text())
+    for group in record["groups"]:
+        kind = "gates" if any(GATE in n for n in group["names"]) else "other"
+        print(f"group ({kind}): lr={group['lr']:.4g} weight_decay={group['weight_decay']} "
+              f"tensors={len(group['names'])} numel={group['numel']}")
     assert record["class"] == "AdamW"
     gate_groups = [g for g in record["groups"] if any(GATE in n for n in g["names"])]
     assert len(gate_groups) == 1
@@ -50,6 +54,9 @@ def test_gates_moved_by_gradient(trained):
     biases = [n for n in before if n.endswith(".bias")]
     assert all(torch.allclose(before[n], torch.full_like(before[n], -3.0)) for n in biases)
     moves = torch.cat([(after[n] - before[n]).flatten() for n in before])
+    mean_before = torch.cat([before[n] for n in biases]).mean().item()
+    mean_after = torch.cat([after[n] for n in biases]).mean().item()
+    print(f"mean gate bias before {mean_before:.4f}, after {mean_after:.4f}; max |move| {moves.abs().max():.4g}")
     assert moves.abs().max() > 0
     assert moves.abs().max() <= STEPS * LR * GATE_LR_RATIO * 1.05
     assert moves.std() > 0
@@ -57,6 +64,7 @@ def test_gates_moved_by_gradient(trained):
     lora_after = torch.load(out / "probe" / "lora_after.pt")
     lora_moves = torch.cat([(lora_after[n] - lora_before[n]).flatten() for n in lora_before])
     ratio = (moves.abs().max() / lora_moves.abs().max()).item()
+    print(f"max |move| of a gate parameter / of a lora_A weight: {ratio:.3f}")
     assert GATE_LR_RATIO / 2 < ratio < GATE_LR_RATIO * 2, ratio
 
 
