@@ -72,7 +72,10 @@ def save_adapter(out: Path) -> None:
     torch.save(ids, out / "ids.pt")
     torch.save(logits, out / "logits.pt")
     print(f"DISeL adapter saved; its max change of the logits from the base model: {change:.3g}")
-    print("adapter_config.json use_disel:", json.loads((out / "adapter" / "adapter_config.json").read_text())["use_disel"])
+    print(
+        "adapter_config.json use_disel:",
+        json.loads((out / "adapter" / "adapter_config.json").read_text())["use_disel"],
+    )
 
 
 def main() -> None:

@@ -74,7 +74,9 @@ def axolotl_env() -> dict:
     return env
 
 
-def run_axolotl(command: str, config: dict, folder: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_axolotl(
+    command: str, config: dict, folder: Path, *args: str, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Writes `config` to `folder/cfg.yml` and runs `axolotl <command> cfg.yml [args]`; stdout and stderr together."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{command}.yml"

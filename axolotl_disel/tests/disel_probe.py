@@ -70,8 +70,10 @@ class ProbePlugin(BasePlugin):
                 patched.append(name)
         for name, module in model.named_modules():
             cls_forward = getattr(type(module), "forward", None)
-            if cls_forward is not None and "axolotl" in getattr(cls_forward, "__module__", "") and "Attention" in (
-                type(module).__name__
+            if (
+                cls_forward is not None
+                and "axolotl" in getattr(cls_forward, "__module__", "")
+                and "Attention" in (type(module).__name__)
             ):
                 patched.append(f"{name} ({type(module).__name__}.forward)")
         flags = {flag: cfg.get(flag) for flag in KERNEL_FLAGS}

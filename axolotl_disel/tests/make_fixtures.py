@@ -1,6 +1,6 @@
 """The tiny Llama and the jsonl dataset of the Axolotl tests, written to a folder (nothing from the Hub).
 
-    python make_fixtures.py OUT_DIR
+python make_fixtures.py OUT_DIR
 """
 
 import json

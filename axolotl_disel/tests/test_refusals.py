@@ -67,8 +67,9 @@ def register(**cfg) -> DictDefault:
     return cfg
 
 
-@pytest.mark.parametrize("option", ["loraplus_lr_ratio", "loraplus_lr_embedding", "lr_groups", "embedding_lr",
-                                    "embedding_lr_scale"])
+@pytest.mark.parametrize(
+    "option", ["loraplus_lr_ratio", "loraplus_lr_embedding", "lr_groups", "embedding_lr", "embedding_lr_scale"]
+)
 def test_conflicting_lr_options(option):
     with pytest.raises(ValueError, match=f"`disel` cannot be combined with `{option}`"):
         register(disel=True, **{option: 1.0})

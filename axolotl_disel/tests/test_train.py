@@ -27,8 +27,10 @@ def test_optimizer_groups(trained):
     record = json.loads((out / "probe" / "optimizer.json").read_text())
     for group in record["groups"]:
         kind = "gates" if any(GATE in n for n in group["names"]) else "other"
-        print(f"group ({kind}): lr={group['lr']:.4g} weight_decay={group['weight_decay']} "
-              f"tensors={len(group['names'])} numel={group['numel']}")
+        print(
+            f"group ({kind}): lr={group['lr']:.4g} weight_decay={group['weight_decay']} "
+            f"tensors={len(group['names'])} numel={group['numel']}"
+        )
     assert record["class"] == "AdamW"
     gate_groups = [g for g in record["groups"] if any(GATE in n for n in g["names"])]
     assert len(gate_groups) == 1

@@ -30,7 +30,13 @@ _GATE = "lora_disel_gate"
 # Axolotl's fused LoRA kernels: they patch every module with `lora_A` and compute x A^T B^T without the gates
 KERNEL_FLAGS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 # options that build their own optimizer parameter groups, or a learning rate per parameter, over the gate group
-CONFLICTING_LR_OPTIONS = ("loraplus_lr_ratio", "loraplus_lr_embedding", "lr_groups", "embedding_lr", "embedding_lr_scale")
+CONFLICTING_LR_OPTIONS = (
+    "loraplus_lr_ratio",
+    "loraplus_lr_embedding",
+    "lr_groups",
+    "embedding_lr",
+    "embedding_lr_scale",
+)
 # optimizers that build their parameter groups themselves (GaLore, LOMO, layer-wise, Muon and Dion factories)
 _OWN_GROUP_OPTIMIZERS = ("galore", "lomo", "layerwise", "muon", "dion", "apollo")
 
@@ -121,7 +127,9 @@ class DiselPlugin(BasePlugin):
                 axolotl.__version__,
             )
         if cfg.get("adapter") not in ("lora", "qlora"):
-            raise ValueError(f"`disel` needs `adapter: lora` or `adapter: qlora`, got `adapter: {cfg.get('adapter')}`.")
+            raise ValueError(
+                f"`disel` needs `adapter: lora` or `adapter: qlora`, got `adapter: {cfg.get('adapter')}`."
+            )
         disel_option(disel)  # fails early on a bad mapping
         ratio = cfg.get("disel_gate_lr_ratio")
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0):
