@@ -36,6 +36,7 @@ TRAIN_CONFIG = {
     "lora_target_linear": True,
     "sequence_len": 64,
     "sample_packing": True,
+    "attn_implementation": "sdpa",
     "gradient_checkpointing": True,
     "micro_batch_size": 2,
     "gradient_accumulation_steps": 1,
