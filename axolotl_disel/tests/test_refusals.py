@@ -118,3 +118,13 @@ def test_loaded_disel_adapter_counts_as_disel(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"use_disel": True}))
     cfg = register(lora_model_dir=str(tmp_path))
     assert cfg["disel"] is True and cfg["lora_mlp_kernel"] is False
+
+
+def test_axolotl_alone_drops_disel(fixtures):
+    """Why the plugin is needed: Axolotl's own config schema drops `disel` without a word (plain LoRA would train)."""
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+
+    config = make_config(fixtures, fixtures / "unused", plugins=None, sample_packing=None)
+    validated = AxolotlInputConfig(**config).model_dump(exclude_none=True)
+    assert "disel" not in validated and "disel_gate_lr_ratio" not in validated
+    assert validated["adapter"] == "lora"
