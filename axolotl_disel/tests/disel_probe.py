@@ -6,6 +6,7 @@ used, from inside the `axolotl train` process, into `<output_dir>/probe/`:
 - `gates_before.pt` / `gates_after.pt`: every DISeL gate parameter before the first step and after the last;
 - `lora_before.pt` / `lora_after.pt`: the same for the LoRA A and B weights;
 - `logits.pt`: the trained model's logits on PROBE_TEXT (what the saved adapter must reproduce);
+- `modules.json`: how many modules of each class the trained model has (bitsandbytes' `Linear4bit` under QLoRA);
 - `kernels.json`: the validated config's `lora_*_kernel` flags, and whether any attention or MLP module was patched
   by Axolotl's fused LoRA kernels.
 """
@@ -78,6 +79,12 @@ class ProbePlugin(BasePlugin):
                 patched.append(f"{name} ({type(module).__name__}.forward)")
         flags = {flag: cfg.get(flag) for flag in KERNEL_FLAGS}
         (folder / "kernels.json").write_text(json.dumps({"flags": flags, "patched_modules": patched}, indent=1))
+        # the layer classes under the adapter (bitsandbytes' Linear4bit for QLoRA)
+        classes = {}
+        for module in model.modules():
+            name = f"{type(module).__module__}.{type(module).__name__}"
+            classes[name] = classes.get(name, 0) + 1
+        (folder / "modules.json").write_text(json.dumps(classes, indent=1))
 
         from transformers import AutoTokenizer
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import GATE_LR_RATIO, LR, STEPS, WEIGHT_DECAY
+from conftest import GATE_LR_RATIO, LR, STEPS, WEIGHT_DECAY, make_config, run_axolotl
 from disel_probe import GATE, PROBE_TEXT
 
 
@@ -98,3 +98,21 @@ def test_saved_adapter_reloads_with_plain_peft(trained, fixtures):
     print(f"reload max |diff| {diff:.3g}; the adapter's change of the logits: {change:.3g}")
     assert change > 1e-3
     assert diff < 1e-5
+
+
+def test_qlora(fixtures, tmp_path):
+    """`adapter: qlora` with `load_in_4bit`: the base's linear layers in bitsandbytes 4-bit (here on the CPU), DISeL
+    around them with the same optimizer groups, and gates that moved."""
+    out = tmp_path / "out"
+    proc = run_axolotl("train", make_config(fixtures, out, adapter="qlora", load_in_4bit=True), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    assert json.loads((out / "adapter_config.json").read_text())["use_disel"] not in (None, False)
+    modules = json.loads((out / "probe" / "modules.json").read_text())
+    assert modules.get("bitsandbytes.nn.modules.Linear4bit", 0) == 2 * 7, modules
+    record = json.loads((out / "probe" / "optimizer.json").read_text())
+    groups = sorted((g["lr"], g["weight_decay"], len(g["names"])) for g in record["groups"])
+    assert groups == [(pytest.approx(LR), WEIGHT_DECAY, 28), (pytest.approx(LR * GATE_LR_RATIO), 0.0, 28)]
+    before = torch.load(out / "probe" / "gates_before.pt")
+    after = torch.load(out / "probe" / "gates_after.pt")
+    moves = torch.cat([(after[n] - before[n]).flatten() for n in before])
+    assert moves.abs().max() > 0 and moves.std() > 0
