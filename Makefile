@@ -17,7 +17,7 @@ DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC) $(TORCH_INDEX)' | cat - 
 
 .PHONY: help install tree reset-tree patches check test test-patched known-failures wheel pr quality clean \
 	demo frontier demo-smoke bench bench-quick gpu-check test-integration test-lm-eval test-prs test-pip-install \
-	install-vllm test-vllm bench-vllm
+	install-vllm test-vllm bench-vllm install-llamacpp test-llamacpp bench-llamacpp pr-llamacpp
 
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
@@ -35,6 +35,10 @@ help:
 	@echo "make install-vllm   .venv-vllm: vLLM (CPU build, pinned in vllm_disel/pyproject.toml) and the vllm_disel plugin"
 	@echo "make test-vllm      the vLLM tests alone: same tokens as PEFT, mixed batches, tensor parallel, HTTP (~2.5 min)"
 	@echo "make bench-vllm     vLLM generation throughput, DISeL / plain LoRA at the same rank (batch 1 and 8)"
+	@echo "make install-llamacpp  llama-cpp-python (pinned in llamacpp_disel/PIN) built with our llama.cpp patches, in .venv"
+	@echo "make test-llamacpp  DISeL adapters in llama.cpp (GGUF): same tokens and logits as PEFT, refusals"
+	@echo "make bench-llamacpp llama.cpp tokens/s, DISeL / plain LoRA at the same rank (batch 1, 1 thread)"
+	@echo "make pr-llamacpp    the llama.cpp pull request in dist/pr-llamacpp/ (make pr writes it too)"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
 	@echo "make pr             the upstream pull requests in dist/pr/<n>-<topic>/ (PEFT_REPO=...: a branch for each)"
 	@echo "make test-prs       each pull request alone on the pristine sdist (+ those it depends on): import and tests"
@@ -153,6 +157,32 @@ bench-vllm: install install-vllm
 	OMP_NUM_THREADS=1 $(PY) vllm_disel/tests/make_reference.py --bench build/vllm-disel/bench
 	$(VLLM_ENV) $(VLLM_PY) vllm_disel/bench_throughput.py build/vllm-disel/bench $(BENCH_VLLM_ARGS)
 
+# --- llama.cpp / GGUF: llamacpp_disel/ --------------------------------------------------------------------------
+# llama-cpp-python's sdist (pinned, sha256-checked: llamacpp_disel/PIN) vendors llama.cpp; llamacpp_disel/patches/ are
+# our changes to it. The wheel is compiled here (5-7 min on 2 cores) without -march=native and installed into the main
+# venv (the tests compare it with the patched PEFT there); its runtime dependencies are small (diskcache, jinja2, numpy).
+LLAMACPP_STAMP := $(VENV)/.llamacpp-$(shell cat llamacpp_disel/PIN llamacpp_disel/patches/*.patch 2>/dev/null | sha1sum | cut -c1-12)
+
+$(LLAMACPP_STAMP): | $(VENV)/.peft-installed
+	$(PY) llamacpp_disel/build.py wheel
+	$(PIP) install --no-deps --force-reinstall build/llamacpp/dist/llama_cpp_python-*.whl
+	$(PIP) install 'diskcache==5.6.3' -c tooling/requirements.txt
+	rm -f $(VENV)/.llamacpp-* && touch $@
+
+install-llamacpp: install $(LLAMACPP_STAMP)
+	@$(PY) -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__, "with the DISeL patches")'
+
+# PYTEST_ARGS narrows them, e.g. PYTEST_ARGS="-k refuses"
+test-llamacpp: install-llamacpp
+	cd llamacpp_disel && OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+		../$(PY) -m pytest -p no:cacheprovider -o addopts= -q -rs -s --timeout=900 tests $(PYTEST_ARGS)
+
+bench-llamacpp: install-llamacpp
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) llamacpp_disel/bench_tokens.py $(BENCH_LLAMACPP_ARGS)
+
+pr-llamacpp:
+	$(PYTHON) llamacpp_disel/build.py pr
+
 known-failures: install
 	$(PY) tooling/run_tests.py known-failures
 
@@ -175,6 +205,7 @@ wheel: $(DEPS_STAMP)
 
 pr:
 	$(TOOL) pr $(if $(PR_BRANCH),--branch $(PR_BRANCH))
+	$(PYTHON) llamacpp_disel/build.py pr
 
 # each pull request of dist/pr/ on its own tree (build/pr-test/<n>-<topic>/): the test files it adds or changes
 test-prs: install pr

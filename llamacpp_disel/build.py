@@ -5,7 +5,7 @@
                                             # build/llamacpp/pristine: the unpatched converters
     python llamacpp_disel/build.py patches  # write vendor/llama.cpp's commits since `pristine` back to patches/
     python llamacpp_disel/build.py wheel    # tree, then build/llamacpp/dist/llama_cpp_python-*.whl for this CPU family
-    python llamacpp_disel/build.py pr       # dist/pr-llamacpp/: the patches and the pull-request description
+    python llamacpp_disel/build.py pr       # dist/pr-llamacpp/: the patches and the notes for the pull request
 
 Run with Python 3.10+; `tree` and `wheel` need git, cmake and a C++ compiler; `tree` downloads the sdist once (pip).
 """
@@ -129,8 +129,8 @@ def pr() -> None:
     out.mkdir(parents=True)
     for patch in sorted(PATCHES.glob("*.patch")):
         shutil.copy(patch, out)
-    shutil.copy(HERE / "PR.md", out / "README.md")
-    print(f"{out}: {len(list(out.glob('*.patch')))} patches and README.md (the pull-request description)")
+    shutil.copy(HERE / "PR-NOTES.md", out / "README.md")
+    print(f"{out}: {len(list(out.glob('*.patch')))} patches and README.md (notes for the pull request)")
 
 
 if __name__ == "__main__":

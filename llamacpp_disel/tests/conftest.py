@@ -78,12 +78,19 @@ class LlamaRunner:
         from llama_cpp import llama_cpp as lib
 
         self.llm = Llama(
-            model_path=str(base_gguf), n_ctx=128, n_batch=64, n_threads=1, logits_all=True, verbose=verbose
+            model_path=str(base_gguf),
+            n_ctx=128,
+            n_batch=64,
+            n_threads=1,
+            logits_all=True,
+            type_k=0,  # GGML_TYPE_F32: a float32 KV cache (llama.cpp's default F16 cache rounds keys and values)
+            type_v=0,
+            verbose=verbose,
         )
         self.adapters = []
         for path, _ in adapters:
             adapter = lib.llama_adapter_lora_init(self.llm._model.model, str(path).encode())
-            if adapter is None:
+            if not adapter:  # a NULL pointer: llama.cpp logged why
                 raise ValueError(f"llama.cpp refused the adapter {path}")
             self.adapters.append(adapter)
         if adapters:

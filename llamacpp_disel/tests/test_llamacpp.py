@@ -15,8 +15,9 @@ from conftest import NEW_TOKENS, LlamaRunner, convert_adapter, peft_greedy, peft
 
 
 # Max |logit difference| allowed on sequences of the test prompts plus 8 greedy tokens, with logits of magnitude ~10
-# (lm_head x 8): float32 rounding through 2 layers in different kernel orders gives ~1e-5 to 1e-4 here
-LOGIT_TOL = 1e-3
+# (lm_head x 8), float32 weights and a float32 KV cache: rounding in different kernel orders gives ~1e-5 here (with
+# llama.cpp's default float16 KV cache it is ~1.6e-2, the tokens still the same)
+LOGIT_TOL = 1e-4
 DISEL = [name for name, (_, disel, _) in fixtures.ADAPTERS.items() if disel is not None]
 
 
