@@ -23,7 +23,7 @@ help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
 	@echo "make frontier       DISeL's and LoRA's gain-vs-retention curves over their knobs and seeds (~77 min)"
 	@echo "make test           install, then our tests + upstream's test files, patched vs pristine, offline, and the"
-	@echo "                    vLLM serving tests (VLLM_TESTS=0 leaves those out)"
+	@echo "                    vLLM serving tests (VLLM_TESTS=0 leaves those out) and the llama.cpp tests (LLAMACPP_TESTS=0)"
 	@echo "make install        .venv with torch ($(TORCH_SPEC)), the test deps and the patched peft (editable)"
 	@echo "make tree           materialise build/peft: the pristine sdist and one commit per topic of patches/"
 	@echo "make patches        write build/peft's commits back to patches/ and to our files"
@@ -87,11 +87,17 @@ check:
 # Then the vLLM serving tests (make test-vllm; measured on a fresh clone: install-vllm 129 s, the tests 144 s);
 # VLLM_TESTS=0 leaves them out.
 VLLM_TESTS ?= 1
+# Then the llama.cpp tests (make test-llamacpp; measured: install-llamacpp ~9 min, mostly the compile, the tests ~1 min);
+# LLAMACPP_TESTS=0 leaves them out.
+LLAMACPP_TESTS ?= 1
 test: install
 	$(PY) tooling/run_tests.py test $(PYTEST_ARGS)
 ifeq ($(VLLM_TESTS),1)
 	$(MAKE) --no-print-directory install-vllm
 	$(VLLM_TEST_RUN)
+endif
+ifeq ($(LLAMACPP_TESTS),1)
+	$(MAKE) --no-print-directory test-llamacpp PYTEST_ARGS=
 endif
 
 # a faster development loop: the patched tree only, upstream's known offline failures xfailed
@@ -193,6 +199,7 @@ quality: install
 	$(VENV)/bin/ruff check tooling bench demo setup.py $(wildcard integration)
 	$(VENV)/bin/ruff format --check tooling bench demo setup.py $(wildcard integration)
 	cd vllm_disel && ../$(VENV)/bin/ruff check . && ../$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check llamacpp_disel && $(VENV)/bin/ruff format --check llamacpp_disel
 	cd build/peft && ../../$(VENV)/bin/ruff check $(UPSTREAM_PY)
 	cd build/peft && ../../$(VENV)/bin/ruff format --check $(UPSTREAM_PY)
 
