@@ -123,7 +123,7 @@ def wheel() -> None:
 
 
 def pr() -> None:
-    """dist/pr-llamacpp/: the patches (they apply to llama.cpp at the commit that PIN names) and the description."""
+    """dist/pr-llamacpp/: the patches (they apply to llama.cpp at the commit that PIN names) and PR-NOTES.md."""
     out = ROOT / "dist" / "pr-llamacpp"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
