@@ -7,11 +7,12 @@ only. LOGIT_TOL bounds that difference; the gates-forced-open control shows that
 
 import json
 import shutil
+import sys
 
 import fixtures
 import numpy as np
 import pytest
-from conftest import NEW_TOKENS, LlamaRunner, convert_adapter, peft_greedy, peft_logits
+from conftest import LLAMA_CPP, NEW_TOKENS, LlamaRunner, convert_adapter, peft_greedy, peft_logits
 
 
 # Max |logit difference| allowed on sequences of the test prompts plus 8 greedy tokens, with logits of magnitude ~10
@@ -24,8 +25,6 @@ DISEL = [name for name, (_, disel, _) in fixtures.ADAPTERS.items() if disel is n
 def compare(work, prompts, adapters: list[tuple[str, float]], open_gates: bool = False):
     """(PEFT tokens, llama.cpp tokens, max |logit difference|) on each prompt. The logits are compared on the same
     sequence on both sides: the prompt and PEFT's greedy continuation."""
-    import torch
-
     model = fixtures.load_peft(work / "base", [work / name for name, _ in adapters], open_gates=open_gates)
     if any(scale != 1.0 for _, scale in adapters):
         from peft.tuners.lora import LoraLayer
@@ -46,7 +45,6 @@ def compare(work, prompts, adapters: list[tuple[str, float]], open_gates: bool =
         return rows
     finally:
         runner.close()
-        del model, torch
 
 
 def agreement(rows) -> list[int]:
@@ -120,11 +118,7 @@ def test_converter_refuses_unknown_disel_option(work, tmp_path):
 def rewrite_gguf(src, dst, drop=(), disel_version=1):
     """A copy of the float32 adapter GGUF `src` without the tensors `drop`, with `adapter.disel.version` set to
     `disel_version` (None: no key)."""
-    import sys
-
-    from conftest import LLAMA_CPP
-
-    sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
+    sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))  # the vendored gguf-py, patched
     import gguf
 
     reader = gguf.GGUFReader(src)
