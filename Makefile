@@ -20,13 +20,14 @@ DEPS_STAMP := $(VENV)/.deps-$(shell echo '$(TORCH_SPEC) $(TORCH_INDEX)' | cat - 
 
 .PHONY: help install tree reset-tree patches check test test-patched known-failures wheel pr quality clean \
 	demo frontier bench bench-quick gpu-check test-integration test-lm-eval test-prs test-pip-install \
-	install-vllm test-vllm bench-vllm install-axolotl test-axolotl
+	install-vllm test-vllm bench-vllm install-axolotl test-axolotl install-llamacpp test-llamacpp bench-llamacpp \
+	pr-llamacpp
 
 help:
 	@echo "make demo           install, then fine-tune SmolLM2 with LoRA and DISeL offline and compare (the main job)"
 	@echo "make frontier       DISeL's and LoRA's gain-vs-retention curves over their knobs and seeds (~77 min)"
 	@echo "make test           install, then our tests + upstream's test files, patched vs pristine, offline, and the"
-	@echo "                    vLLM serving tests (VLLM_TESTS=0 leaves those out)"
+	@echo "                    vLLM serving tests (VLLM_TESTS=0 leaves those out) and the llama.cpp tests (LLAMACPP_TESTS=0)"
 	@echo "make install        .venv with torch ($(TORCH_SPEC)), the test deps and the patched peft (editable)"
 	@echo "make tree           materialise build/peft: the pristine sdist and one commit per topic of patches/"
 	@echo "make reset-tree     rebuild build/peft from patches/, throwing away commits and edits there not in patches/"
@@ -42,6 +43,10 @@ help:
 	@echo "make bench-vllm     vLLM generation throughput, DISeL / plain LoRA at the same rank (batch 1 and 8)"
 	@echo "make install-axolotl  .venv-axolotl: Axolotl 0.21.0 (Python 3.12), the patched peft and the axolotl_disel plugin"
 	@echo "make test-axolotl   the Axolotl tests alone: axolotl train / merge-lora on DISeL YAMLs through the CLI"
+	@echo "make install-llamacpp  llama-cpp-python (pinned in llamacpp_disel/PIN) built with our llama.cpp patches, in .venv"
+	@echo "make test-llamacpp  DISeL adapters in llama.cpp (GGUF): same tokens and logits as PEFT, refusals"
+	@echo "make bench-llamacpp llama.cpp tokens/s, DISeL / plain LoRA at the same rank (batch 1, 1 thread)"
+	@echo "make pr-llamacpp    the llama.cpp pull request in dist/pr-llamacpp/ (make pr writes it too)"
 	@echo "make wheel          dist/peft-<version>-py3-none-any.whl"
 	@echo "make pr             the upstream pull requests in dist/pr/<n>-<topic>/ (PEFT_REPO=...: a branch for each)"
 	@echo "make test-prs       each pull request alone on the pristine sdist (+ those it depends on): import and tests"
@@ -92,16 +97,23 @@ check:
 # Then the vLLM serving tests (make test-vllm; measured on a fresh clone: install-vllm 129 s, the tests 144 s);
 # VLLM_TESTS=0 leaves them out.
 VLLM_TESTS ?= 1
-# AXOLOTL_TESTS=1 adds the Axolotl plugin's tests (make test-axolotl): off by default, see axolotl_disel/README.md
-AXOLOTL_TESTS ?= 0
+# Then the llama.cpp tests (make test-llamacpp; measured on a fresh clone: install-llamacpp 275 s, mostly the compile,
+# the tests 47 s); LLAMACPP_TESTS=0 leaves them out.
+LLAMACPP_TESTS ?= 1
+# Then the Axolotl plugin's tests (make test-axolotl; measured on a fresh clone: install-axolotl 176 s, 6.9 GB, the
+# tests about 2 min); AXOLOTL_TESTS=0 leaves them out.
+AXOLOTL_TESTS ?= 1
 test: install
 	$(PY) tooling/run_tests.py test $(PYTEST_ARGS)
 ifeq ($(VLLM_TESTS),1)
 	$(MAKE) --no-print-directory install-vllm
 	$(VLLM_TEST_RUN)
 endif
+ifeq ($(LLAMACPP_TESTS),1)
+	$(MAKE) --no-print-directory test-llamacpp PYTEST_ARGS=
+endif
 ifeq ($(AXOLOTL_TESTS),1)
-	$(MAKE) --no-print-directory test-axolotl
+	$(MAKE) --no-print-directory test-axolotl PYTEST_ARGS=
 endif
 
 # a faster development loop: the patched tree only, upstream's known offline failures xfailed
@@ -167,6 +179,32 @@ bench-vllm: install install-vllm
 	OMP_NUM_THREADS=1 $(PY) vllm_disel/tests/make_reference.py --bench build/vllm-disel/bench
 	$(VLLM_ENV) $(VLLM_PY) vllm_disel/bench_throughput.py build/vllm-disel/bench $(BENCH_VLLM_ARGS)
 
+# --- llama.cpp / GGUF: llamacpp_disel/ --------------------------------------------------------------------------
+# llama-cpp-python's sdist (pinned, sha256-checked: llamacpp_disel/PIN) vendors llama.cpp; llamacpp_disel/patches/ are
+# our changes to it. The wheel is compiled here (5-7 min on 2 cores) without -march=native and installed into the main
+# venv (the tests compare it with the patched PEFT there); its runtime dependencies are small (diskcache, jinja2, numpy).
+LLAMACPP_STAMP := $(VENV)/.llamacpp-$(shell cat llamacpp_disel/PIN llamacpp_disel/patches/*.patch 2>/dev/null | sha1sum | cut -c1-12)
+
+$(LLAMACPP_STAMP): | $(VENV)/.peft-installed
+	$(PY) llamacpp_disel/build.py wheel
+	$(PIP) install --no-deps --force-reinstall build/llamacpp/dist/llama_cpp_python-*.whl
+	$(PIP) install 'diskcache==5.6.3' -c tooling/requirements.txt
+	rm -f $(VENV)/.llamacpp-* && touch $@
+
+install-llamacpp: install $(LLAMACPP_STAMP)
+	@$(PY) -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__, "with the DISeL patches")'
+
+# PYTEST_ARGS narrows them, e.g. PYTEST_ARGS="-k refuses"
+test-llamacpp: install-llamacpp
+	cd llamacpp_disel && OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+		../$(PY) -m pytest -p no:cacheprovider -o addopts= -q -rs -s --timeout=900 tests $(PYTEST_ARGS)
+
+bench-llamacpp: install-llamacpp
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) llamacpp_disel/bench_tokens.py $(BENCH_LLAMACPP_ARGS)
+
+pr-llamacpp:
+	$(PYTHON) llamacpp_disel/build.py pr
+
 known-failures: install
 	$(PY) tooling/run_tests.py known-failures
 
@@ -180,6 +218,7 @@ quality: install pr
 	$(VENV)/bin/ruff format --check tooling bench demo setup.py integration testing_support
 	cd vllm_disel && ../$(VENV)/bin/ruff check . && ../$(VENV)/bin/ruff format --check .
 	cd axolotl_disel && ../$(VENV)/bin/ruff check . && ../$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check llamacpp_disel && $(VENV)/bin/ruff format --check llamacpp_disel
 	cd build/peft && ../../$(VENV)/bin/ruff check $(UPSTREAM_PY)
 	cd build/peft && ../../$(VENV)/bin/ruff format --check $(UPSTREAM_PY)
 	cd build/peft && ../../$(VENV)/bin/doc-builder style $(UPSTREAM_STYLED) --max_len 119 --check_only
@@ -189,7 +228,7 @@ quality: install pr
 # Axolotl 0.21.0 needs Python >= 3.12 and pins its own transformers/datasets/trl, so it lives in its own venv. One pip
 # command installs the plugin with its `axolotl` extra (axolotl==0.21.0) and torch (the CPU wheel is for 3.11 only, so
 # this is a CUDA build that runs on the CPU: ~6.9 GB). The patched peft then goes over Axolotl's peft with --no-deps,
-# editable from build/peft like the main venv's. Not part of `make test` unless AXOLOTL_TESTS=1 (see axolotl_disel/README.md).
+# editable from build/peft like the main venv's. `make test` runs its tests too (AXOLOTL_TESTS=0 leaves them out).
 AXOLOTL_VENV := .venv-axolotl
 AXOLOTL_PY := $(AXOLOTL_VENV)/bin/python
 AXOLOTL_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 /root/.pyenv/versions/3.12*/bin/python3.12) python3.12)
@@ -225,6 +264,7 @@ wheel: $(DEPS_STAMP)
 
 pr:
 	$(TOOL) pr $(if $(PR_BRANCH),--branch $(PR_BRANCH))
+	$(PYTHON) llamacpp_disel/build.py pr
 
 # each pull request of dist/pr/ on its own tree (build/pr-test/<n>-<topic>/): the test files it adds or changes
 test-prs: install pr
