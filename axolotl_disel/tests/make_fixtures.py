@@ -11,9 +11,9 @@ import torch
 
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "integration"))
+sys.path.insert(0, str(ROOT / "testing_support"))
 
-from disel_integration_utils import llama_config, make_tokenizer  # noqa: E402
+from disel_testing import llama_config, make_tokenizer  # noqa: E402
 
 
 TEXTS = [
