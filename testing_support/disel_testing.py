@@ -39,6 +39,26 @@ TINY_LLAMA = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
 }
+# a tiny Llama with heads 64 wide, a head size that vLLM's and llama.cpp's kernels take: 2 query heads, 1 key/value head
+HEAD64_LLAMA = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "tie_word_embeddings": False,
+    "dtype": "float32",
+}
+# prompts in that vocabulary, for the suites that compare generated tokens (vLLM, llama.cpp)
+PROMPTS = [
+    "the cat sat on the",
+    "a bird flew in",
+    "what colour is the sky ?",
+    "the big dog ran under",
+    "where is the small fish ?",
+    "one two three",
+]
 # the linear layers of a Llama decoder layer ("all-linear" targets all of them)
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "testing_support"))
 
-from disel_testing import llama_config, make_tokenizer  # noqa: E402
+from disel_testing import HEAD64_LLAMA, llama_config, make_tokenizer  # noqa: E402
 
 
 TEXTS = [
@@ -36,16 +36,7 @@ def write_base(folder: Path) -> Path:
     """A random 2-layer float32 Llama (hidden 128, 2 query heads of 64, 1 key/value head) and its tokenizer."""
     from transformers import LlamaForCausalLM
 
-    config = llama_config(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        tie_word_embeddings=False,
-        dtype="float32",
-    )
+    config = llama_config(**HEAD64_LLAMA)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)

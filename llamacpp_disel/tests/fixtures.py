@@ -9,27 +9,18 @@ Nothing touches the Hugging Face Hub.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 
-PROMPTS = [
-    "the cat sat on the",
-    "a bird flew in",
-    "what colour is the sky ?",
-    "the big dog ran under",
-    "where is the small fish ?",
-    "one two three",
-]
-TEXT_A = [
-    "the cat sat on the mat .",
-    "the dog ran under the tree .",
-    "a bird flew in the sky .",
-    "a fish swam in the sea .",
-    "the red cat sat on a blue mat .",
-    "the big dog ran in the sea .",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "testing_support"))
+
+from disel_testing import HEAD64_LLAMA, PROMPTS, TRAIN_TEXT, llama_config
+
+
+TEXT_A = TRAIN_TEXT
 TEXT_B = [
     "what colour is the sky ? blue .",
     "what colour is the sea ? blue .",
@@ -96,23 +87,10 @@ def make_tokenizer():
 
 def build_base(folder: Path) -> Path:
     """A random float32 LlamaForCausalLM with the shapes of a real (if very small) model, and its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = make_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        dtype="float32",
-    )
+    config = llama_config(tokenizer, **HEAD64_LLAMA)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # a wider spread of logits than the default init, so that greedy decoding has clear winners

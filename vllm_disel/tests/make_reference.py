@@ -38,18 +38,10 @@ ROOT = HERE.parents[1]
 SUPPORT = ROOT / "testing_support"
 sys.path.insert(0, str(SUPPORT))
 
-from disel_testing import TRAIN_TEXT, llama_config, make_tokenizer  # noqa: E402
+from disel_testing import HEAD64_LLAMA, PROMPTS, TRAIN_TEXT, llama_config, make_tokenizer  # noqa: E402
 
 
 NEW_TOKENS = 8
-PROMPTS = [
-    "the cat sat on the",
-    "a bird flew in",
-    "what colour is the sky ?",
-    "the big dog ran under",
-    "where is the small fish ?",
-    "one two three",
-]
 TEXT_A = TRAIN_TEXT
 TEXT_B = [
     "what colour is the sky ? blue .",
@@ -92,16 +84,7 @@ def build_base(folder: Path) -> Path:
     from transformers import LlamaForCausalLM
 
     tokenizer = make_tokenizer()
-    config = llama_config(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        tie_word_embeddings=False,
-        dtype="float32",
-    )
+    config = llama_config(**HEAD64_LLAMA)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     # a wider spread of logits than the default init, so that greedy decoding has clear winners
