@@ -108,8 +108,9 @@ def pull_request_trees():
     depends on (the `Depends:` fields of the topics), in build/pr-test/<n>-<topic>/. Yields (name, tree, whether it
     applied, the files it adds or changes)."""
     folders = {p.name.split("-", 1)[1]: p for p in (ROOT / "dist" / "pr").iterdir()}
+    stacks = peftpatch.stacks()
     for topic, folder in sorted(folders.items(), key=lambda item: int(item[1].name.split("-")[0])):
-        below = peftpatch.stacks()[topic][1]
+        below = stacks[topic][1]
         patches = [p for t in below + [topic] for p in sorted(folders[t].glob("0*.patch"))]
         tree = ROOT / "build" / "pr-test" / folder.name
         peftpatch.extract(tree)
